@@ -4,10 +4,23 @@ Gradient transformations that clip or rescale (optax-chainable), guards that ski
 a Flax batch norm (linen and nnx). See the README for the feature table.
 """
 
-from jaxstab._norms import global_norm
+from jaxstab._norms import flax_unit_axes, global_norm
+from jaxstab.clipping import (
+    AdaptiveGradClipState,
+    ClipByGlobalNormState,
+    adaptive_grad_clip,
+    clip_by_global_norm,
+)
+from jaxstab.telemetry import telemetry
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveGradClipState",
+    "ClipByGlobalNormState",
+    "adaptive_grad_clip",
+    "clip_by_global_norm",
+    "flax_unit_axes",
     "global_norm",
+    "telemetry",
 ]

@@ -10,6 +10,7 @@ runs in that rare case: the common case reads every gradient once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,8 @@ import optax
 # elements, so flushed subnormals cost less than 1e-6 relative error.
 _SUMSQ_LO = 1e-20
 _SUMSQ_HI = float(jnp.finfo(jnp.float32).max)
+
+KeyPath = tuple[Any, ...]
 
 
 def is_array_leaf(x) -> bool:
@@ -119,3 +122,91 @@ def unit_norms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
         return jnp.where(bad, exact, jnp.sqrt(s))
 
     return jax.lax.cond(jnp.any(bad), rescaled, jnp.sqrt, ssq)
+
+
+def clip_factor(norm: jax.Array, max_norm) -> jax.Array:
+    """Float32 factor that brings ``norm`` down to ``max_norm``: ``min(1, max_norm / norm)``.
+
+    Exactly 1 when ``norm <= max_norm`` (the update is untouched) and 0 when ``norm`` is not
+    finite (the update becomes zeros, never NaN). Works elementwise on per-unit norms too.
+    """
+    max_norm = jnp.asarray(max_norm, jnp.float32)
+    over = norm > max_norm
+    factor = jnp.where(over, max_norm / jnp.where(over, norm, 1.0), 1.0)
+    return jnp.where(jnp.isfinite(norm), factor, 0.0)
+
+
+def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
+    """``x * factor`` in ``x``'s dtype, multiplied in float32 (at least), zero where factor is 0.
+
+    ``factor`` is a float32 scalar or broadcastable per-unit array. A factor of 0 gives exact
+    zeros even where ``x`` is NaN/Inf, so a rejected step cannot leak a NaN; the select has a
+    scalar-shaped predicate, which XLA fuses into the consumer (the optimizer's update).
+    """
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    scaled = (x.astype(wide) * factor).astype(x.dtype)
+    return jnp.where(factor == 0, jnp.zeros((), x.dtype), scaled)
+
+
+def scale_tree(tree, factor: jax.Array):
+    """Applies :func:`scale_leaf` with one scalar ``factor`` to every float leaf of ``tree``."""
+    return jax.tree.map(lambda x: scale_leaf(x, factor) if is_array_leaf(x) else x, tree)
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts: which axes of a leaf form one unit
+
+
+def path_str(path: KeyPath) -> str:
+    """A key path as a ``/``-joined string, e.g. ``"Dense_0/kernel"``."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+_ATTENTION_INPUTS = frozenset({"query", "key", "value"})
+
+
+def flax_unit_axes(path: KeyPath, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Reduction axes of one unit for a leaf of a Flax model, from its path and shape.
+
+    A unit is one output neuron (or channel); its norm reduces over everything that feeds it:
+
+    - biases and scales (any rank, e.g. attention's ``(heads, head_dim)`` bias), vectors and
+      scalars: the whole leaf;
+    - ``query``/``key``/``value`` kernels ``(features, heads, head_dim)``: axis 0 (the input);
+    - every other ``kernel`` -- Dense ``(in, out)``, Conv ``(..., in, out)``, the attention
+      output projection ``(heads, head_dim, features)``: all axes but the last;
+    - other leaves follow optax's rules by rank: 2 and 3 reduce axis 0, 4 and 5 all but the last.
+
+    On unnamed leaves (lists, tuples) the result equals ``optax.adaptive_grad_clip``'s layouts.
+
+    Example:
+      >>> from jax.tree_util import DictKey as K
+      >>> from jaxstab._norms import flax_unit_axes
+      >>> flax_unit_axes((K("out"), K("kernel")), (8, 16, 64))
+      (0, 1)
+      >>> flax_unit_axes((K("query"), K("kernel")), (64, 8, 16))
+      (0,)
+    """
+    keys = path_str(path).split("/")
+    name, parent = keys[-1], (keys[-2] if len(keys) > 1 else "")
+    ndim = len(shape)
+    if sum(d != 1 for d in shape) <= 1 or name in ("bias", "scale"):
+        return tuple(range(ndim))
+    if name == "kernel" and parent not in _ATTENTION_INPUTS:
+        return tuple(range(ndim - 1))
+    if ndim in (2, 3):
+        return (0,)
+    if ndim in (4, 5):
+        return tuple(range(ndim - 1))
+    raise ValueError(
+        f"adaptive_grad_clip has no default unit layout for leaf {path_str(path)!r} of shape "
+        f"{shape}; pass axis= or unit_axes= to choose its reduction axes"
+    )

@@ -1,0 +1,48 @@
+"""Argument checks shared by the factories: errors that name the parameter and what is allowed."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def _concrete(value):
+    """``value`` as a NumPy scalar, or None when it is traced (checked where it is concrete)."""
+    if isinstance(value, jax.core.Tracer) or callable(value):
+        return None
+    try:
+        return np.asarray(value)
+    except TypeError:
+        return None
+
+
+def check_range(name: str, value, *, low=None, high=None, low_open=False, high_open=False):
+    """Raises ``ValueError`` unless ``value`` lies in the interval; traced values pass.
+
+    ``low_open``/``high_open`` exclude the bound. ``None`` for a bound means unbounded.
+    """
+    v = _concrete(value)
+    if v is None:
+        return
+    ok = np.all(np.isfinite(v)) or (high is None and np.all(v == np.inf))
+    if low is not None:
+        ok &= bool(np.all(v > low)) if low_open else bool(np.all(v >= low))
+    if high is not None:
+        ok &= bool(np.all(v < high)) if high_open else bool(np.all(v <= high))
+    if not ok:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
+        interval = f"{left}{lo}, {hi}{right}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_same_structure(name_a: str, a, name_b: str, b) -> None:
+    """Raises ``ValueError`` showing both structures when two trees differ."""
+    sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+    if sa != sb:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same tree structure, got\n"
+            f"  {name_a}: {sa}\n  {name_b}: {sb}"
+        )
