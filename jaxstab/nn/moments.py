@@ -1,0 +1,154 @@
+"""Batch moments without cancellation, pooled exactly across devices and masks.
+
+The variance is computed in one pass about a per-feature *shift* ``K``:
+``var = E[(x - K)^2] - E[x - K]^2``. Rounding error grows with ``((mean - K) / std)^2``, so with
+``K = 0`` (flax's fast variance) it is hopeless at large mean/std, while with ``K`` one sample of
+the batch it stays at float32 rounding. Sums (count, sum, sum of squares) are reduced with one
+``psum``, so statistics across devices are pooled, never a mean of per-device means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Variance = Literal["shifted", "two_pass", "fast"]
+VARIANCES: tuple[str, ...] = ("shifted", "two_pass", "fast")
+
+
+class Moments(NamedTuple):
+    """Batch statistics per feature, with size-1 dimensions at the reduced axes."""
+
+    mean: jax.Array  # same dtype as the computation (complex for complex input)
+    var: jax.Array  # biased (population) variance, real
+    count: jax.Array  # number of valid elements pooled into each statistic, real
+
+
+def canonical_axes(ndim: int, axes: int | Sequence[int], name: str = "axis") -> tuple[int, ...]:
+    """``axes`` as a sorted tuple of distinct non-negative ints; out-of-range axes raise.
+
+    Example:
+      >>> from jaxstab.nn import canonical_axes
+      >>> canonical_axes(4, (-1, 1))
+      (1, 3)
+    """
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name} must hold axes in [-{ndim}, {ndim}), got {axes!r}")
+    return tuple(sorted({a % ndim for a in axes}))
+
+
+def _abs_sq(x: jax.Array) -> jax.Array:
+    if jnp.iscomplexobj(x):
+        return lax.square(lax.real(x)) + lax.square(lax.imag(x))
+    return lax.square(x)
+
+
+def moments(
+    x: jax.Array,
+    axes: int | Sequence[int],
+    *,
+    mask: jax.Array | None = None,
+    axis_name: str | Sequence[str] | None = None,
+    axis_index_groups: Any = None,
+    variance: Variance = "shifted",
+    dtype: Any = None,
+) -> Moments:
+    """Mean and variance of ``x`` over ``axes``, pooled over masks and devices.
+
+    ``variance`` picks the shift ``K`` of the one-pass formula
+    ``var = E[(x - K)^2] - E[x - K]^2``:
+
+    - ``"shifted"`` (default): ``K`` is the first element of the batch (averaged over the devices
+      of ``axis_name``); with a ``mask``, the pooled masked mean, as in ``"two_pass"``. One fused
+      pass over ``x`` and no cancellation: relative error ~1e-7 at mean/std = 1e5 in float32.
+    - ``"two_pass"``: ``K`` is the pooled mean, from a first pass; the second pass adds the
+      rounding correction ``E[x - K]^2`` (the corrected two-pass algorithm).
+    - ``"fast"``: ``K = 0``, flax's ``E[x^2] - E[x]^2``. It cancels catastrophically when
+      ``|mean| >> std`` (clamped to 0, dividing ``x`` by ``sqrt(epsilon)`` downstream).
+
+    ``K`` carries no gradient: the statistics do not depend on it, so gradients are exact.
+
+    Args:
+      x: the input.
+      axes: the axes to reduce (all others are features).
+      mask: optional boolean array broadcastable to ``x``: only ``True`` positions count. A
+        feature with no valid element gets mean ``K`` (or 0), variance 0 and count 0 -- no NaN.
+        Masked positions may hold anything, NaN included.
+      axis_name: inside ``shard_map``/``pmap``/``vmap``, the mapped axis name(s): counts, sums
+        and sums of squares are pooled with one ``psum``. Not needed under ``jit`` with sharded
+        arrays (XLA's reductions are global there).
+      axis_index_groups: optional groups of device indices within ``axis_name`` to pool over
+        separately (see ``jax.lax.psum``; supported by ``pmap`` only).
+      variance: ``"shifted"``, ``"two_pass"`` or ``"fast"``, see above.
+      dtype: the accumulation dtype; default ``x.dtype`` promoted to at least float32 (float64
+        and complex stay).
+
+    Returns:
+      :class:`Moments` ``(mean, var, count)`` with size-1 dimensions at ``axes``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxstab.nn import moments
+      >>> x = jnp.array([1e5 + 1.0, 1e5 + 2.0, 1e5 + 3.0, 1e5 + 4.0])
+      >>> m = moments(x, 0)
+      >>> float(m.mean[0]), float(m.var[0]), float(m.count[0])
+      (100002.5, 1.25, 4.0)
+      >>> float(moments(x, 0, variance="fast").var[0])  # flax's formula: cancellation
+      1024.0
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    dtype = jnp.promote_types(x.dtype, jnp.float32) if dtype is None else dtype
+    x = jnp.asarray(x, dtype)
+    axes = canonical_axes(x.ndim, axes, "axes")
+    real = jnp.finfo(dtype).dtype  # the real dtype of the same precision
+
+    def pooled_sums(*terms):
+        sums = tuple(jnp.sum(t, axes, keepdims=True) for t in terms)
+        if axis_name is None:
+            return sums
+        return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+
+    if mask is None:
+        n_local = 1
+        for a in axes:
+            n_local *= x.shape[a]
+        count = jnp.full([1 if i in axes else d for i, d in enumerate(x.shape)], n_local, real)
+    else:
+        mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
+        count = jnp.sum(mask, axes, keepdims=True, dtype=real)
+
+    def valid(t):
+        return t if mask is None else jnp.where(mask, t, jnp.zeros((), t.dtype))
+
+    shift = None
+    count_pooled = False
+    if variance == "shifted" and mask is None:
+        first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
+        shift = x[first]
+        if axis_name is not None:
+            shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
+    elif variance != "fast":
+        count, total = pooled_sums(count, valid(x))
+        count_pooled = True
+        shift = total / jnp.maximum(count, 1)
+    if shift is not None:
+        x = x - lax.stop_gradient(shift)
+
+    x = valid(x)
+    if count_pooled:
+        n = count
+        s1, s2 = pooled_sums(x, _abs_sq(x))
+    else:
+        n, s1, s2 = pooled_sums(count, x, _abs_sq(x))
+    safe_n = jnp.maximum(n, 1)
+    m1 = s1 / safe_n
+    mean = m1 if shift is None else shift + m1
+    var = jnp.maximum(s2 / safe_n - _abs_sq(m1), 0)
+    return Moments(mean, var, n)

@@ -1,0 +1,210 @@
+"""Flax nnx layers: a drop-in ``BatchNorm`` over the pure core in :mod:`jaxstab.nn`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes, initializers
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
+
+from jaxstab import nn as core
+
+_ZEROS = initializers.zeros_init()
+_ONES = initializers.ones_init()
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalization for nnx, a drop-in for ``flax.nnx.BatchNorm`` that is right.
+
+    Same constructor and call arguments and variables as flax (``nnx.Param`` ``scale``,
+    ``bias``; ``nnx.BatchStat`` ``mean``, ``var``), and the same arithmetic as
+    :class:`jaxstab.linen.BatchNorm` (both call :func:`jaxstab.nn.batch_norm`), so the two
+    give bit-identical results. Beyond flax: no variance cancellation, statistics, running
+    averages and normalization in float32 even with ``dtype=bfloat16`` (flax casts the running
+    statistics, and the input, to ``dtype`` first), exact pooling across devices and masks,
+    tuple feature axes, Batch Renormalization, ghost batches and PyTorch's unbiased running
+    variance. See :class:`jaxstab.linen.BatchNorm` for the details.
+
+    Args:
+      num_features: the size of the feature axis, or a tuple of sizes for a tuple ``axis``.
+      use_running_average: if True, normalize with the running statistics (see ``train()``,
+        ``eval()``).
+      axis: the feature axis or axes.
+      momentum: decay of the running averages, in ``[0, 1]``.
+      epsilon: ``> 0``, added to the variance.
+      dtype: the output dtype (default: inferred by ``promote_dtype``).
+      param_dtype: dtype of ``scale`` and ``bias``.
+      use_bias, use_scale: learn ``bias`` / ``scale``.
+      bias_init, scale_init: their initializers.
+      axis_name, axis_index_groups: pool the statistics across devices of a mapped axis.
+      use_fast_variance: one pass over the input (default) instead of two.
+      promote_dtype: flax's dtype promotion of ``(x, mean, var, scale, bias)``; here it only
+        decides the output dtype, the arithmetic stays in float32.
+      rngs: the ``nnx.Rngs`` for the initializers.
+      bias_metadata, scale_metadata: metadata for the ``nnx.Param`` variables.
+      use_variance_shift: the one-pass variance subtracts a sample of the batch first (default
+        True: no cancellation); False gives flax's ``E[x^2] - E[x]^2``.
+      renorm, r_max, d_max: Batch Renormalization (Ioffe 2017); schedules of ``r_max``/``d_max``
+        count training steps in an ``nnx.BatchStat`` ``step``.
+      virtual_batch_size: ghost batch norm (Hoffer et al. 2017).
+      unbiased_running_var: keep the running variance unbiased (``n / (n - 1)``), as PyTorch.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxstab.nnx import BatchNorm
+      >>> bn = BatchNorm(6, momentum=0.9, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+      >>> x = 256.7 + 0.5 * jax.random.normal(jax.random.key(0), (32, 6))
+      >>> y = bn(x)  # training: batch statistics, running averages updated
+      >>> y.dtype, bool(jnp.all(bn.mean[...] > 25.0))
+      (dtype(bfloat16), True)
+      >>> bn.eval()
+      >>> y = bn(x)  # inference: running statistics
+
+    References:
+      Ioffe & Szegedy, `Batch Normalization <https://arxiv.org/abs/1502.03167>`_, ICML 2015.
+    """
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        use_running_average: bool | None = False,
+        axis: int | Sequence[int] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = _ZEROS,
+        scale_init: Initializer = _ONES,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        use_variance_shift: bool = True,
+        renorm: bool = False,
+        r_max: core.renorm.Limit = 3.0,
+        d_max: core.renorm.Limit = 5.0,
+        virtual_batch_size: int | None = None,
+        unbiased_running_var: bool = False,
+    ):
+        core.check_hyperparameters(
+            momentum=momentum,
+            epsilon=epsilon,
+            renorm=renorm,
+            r_max=r_max,
+            d_max=d_max,
+            virtual_batch_size=virtual_batch_size,
+        )
+        shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+        n_axes = 1 if isinstance(axis, int) else len(axis)
+        if len(shape) != n_axes:
+            raise ValueError(
+                f"num_features must give one size per feature axis (axis={axis!r}), "
+                f"got {num_features!r}"
+            )
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.step: nnx.BatchStat[jax.Array] | None = nnx.data(None)
+        if core.uses_step(renorm, r_max, d_max):
+            self.step = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.scale: nnx.Param[jax.Array] | None = nnx.data(None)
+        if use_scale:
+            key = rngs.params()
+            self.scale = nnx.Param(scale_init(key, shape, param_dtype), **scale_metadata)
+        self.bias: nnx.Param[jax.Array] | None = nnx.data(None)
+        if use_bias:
+            key = rngs.params()
+            self.bias = nnx.Param(bias_init(key, shape, param_dtype), **bias_metadata)
+
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.use_variance_shift = use_variance_shift
+        self.renorm = renorm
+        self.r_max = r_max
+        self.d_max = d_max
+        self.virtual_batch_size = virtual_batch_size
+        self.unbiased_running_var = unbiased_running_var
+
+    def __call__(
+        self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None
+    ):
+        """Normalizes ``x`` and, in training, updates the running statistics.
+
+        Args:
+          x: the input.
+          use_running_average: overrides the constructor's flag for this call.
+          mask: boolean array broadcastable to ``x``: the positions that enter the statistics.
+
+        Returns:
+          The normalized input, of the same shape.
+        """
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError(
+                "BatchNorm needs use_running_average: pass it to the constructor or the call, "
+                "or use model.train() / model.eval()"
+            )
+        x = jnp.asarray(x)
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        stats = core.BatchStats(
+            self.mean[...], self.var[...], None if self.step is None else self.step[...]
+        )
+        operands = (x, stats.mean, stats.var, scale, bias)
+        promoted = jax.eval_shape(lambda ops: self.promote_dtype(ops, dtype=self.dtype), operands)
+        y, new = core.batch_norm(
+            x,
+            stats,
+            scale,
+            bias,
+            axis=self.axis,
+            use_running_average=use_running_average,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            mask=mask,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            variance=core.variance_algorithm(self.use_fast_variance, self.use_variance_shift),
+            renorm=self.renorm,
+            r_max=self.r_max,
+            d_max=self.d_max,
+            virtual_batch_size=self.virtual_batch_size,
+            unbiased_running_var=self.unbiased_running_var,
+            dtype=promoted[0].dtype,
+        )
+        if not use_running_average:
+            self.mean[...], self.var[...] = new.mean, new.var
+            if self.step is not None:
+                self.step[...] = new.step
+        return y
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by ``nnx.view``: sets ``use_running_average`` when given."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+__all__ = ["BatchNorm"]
