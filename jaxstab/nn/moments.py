@@ -9,6 +9,7 @@ the batch it stays at float32 rounding. Sums (count, sum, sum of squares) are re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -72,7 +73,9 @@ def moments(
     - ``"fast"``: ``K = 0``, flax's ``E[x^2] - E[x]^2``. It cancels catastrophically when
       ``|mean| >> std`` (clamped to 0, dividing ``x`` by ``sqrt(epsilon)`` downstream).
 
-    ``K`` carries no gradient: the statistics do not depend on it, so gradients are exact.
+    Gradients do not go through the one-pass formula (whose derivative cancels just as flax's
+    does) but use ``d mean = mean(dx)``, ``d var = 2 mean((x - mean) dx)``: exact, and the
+    ``x - mean`` they need is the one normalization computes anyway.
 
     Args:
       x: the input.
@@ -116,9 +119,7 @@ def moments(
         return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
 
     if mask is None:
-        n_local = 1
-        for a in axes:
-            n_local *= x.shape[a]
+        n_local = math.prod(x.shape[a] for a in axes)
         count = jnp.full([1 if i in axes else d for i, d in enumerate(x.shape)], n_local, real)
     else:
         mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
@@ -127,28 +128,38 @@ def moments(
     def valid(t):
         return t if mask is None else jnp.where(mask, t, jnp.zeros((), t.dtype))
 
-    shift = None
-    count_pooled = False
-    if variance == "shifted" and mask is None:
-        first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
-        shift = x[first]
-        if axis_name is not None:
-            shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
-    elif variance != "fast":
-        count, total = pooled_sums(count, valid(x))
-        count_pooled = True
-        shift = total / jnp.maximum(count, 1)
-    if shift is not None:
-        x = x - lax.stop_gradient(shift)
+    @jax.custom_jvp
+    def mean_var_count(x):
+        n, shift = count, None
+        if variance == "shifted" and mask is None:
+            shift = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
+            if axis_name is not None:
+                shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
+        elif variance != "fast":
+            n, total = pooled_sums(count, valid(x))
+            shift = total / jnp.maximum(n, 1)
+        if shift is None:
+            d1 = d2 = valid(x)
+        else:
+            # Two spellings of x - K, so that XLA fuses each into its own reduction instead of
+            # materializing one difference shared by both.
+            d1, d2 = valid(x + (-shift)), valid(x - shift)
+        if n is count:
+            n, s1, s2 = pooled_sums(count, d1, _abs_sq(d2))
+        else:
+            s1, s2 = pooled_sums(d1, _abs_sq(d2))
+        safe_n = jnp.maximum(n, 1)
+        m1 = s1 / safe_n
+        mean = m1 if shift is None else shift + m1
+        return mean, jnp.maximum(s2 / safe_n - _abs_sq(m1), 0), n
 
-    x = valid(x)
-    if count_pooled:
-        n = count
-        s1, s2 = pooled_sums(x, _abs_sq(x))
-    else:
-        n, s1, s2 = pooled_sums(count, x, _abs_sq(x))
-    safe_n = jnp.maximum(n, 1)
-    m1 = s1 / safe_n
-    mean = m1 if shift is None else shift + m1
-    var = jnp.maximum(s2 / safe_n - _abs_sq(m1), 0)
-    return Moments(mean, var, n)
+    @mean_var_count.defjvp
+    def mean_var_count_jvp(primals, tangents):
+        (x,), (dx,) = primals, tangents
+        mean, var, n = mean_var_count(x)
+        centered = valid(x - mean)
+        dsum, dsq = pooled_sums(valid(dx), jnp.real(jnp.conj(centered) * dx))
+        safe_n = jnp.maximum(n, 1)
+        return (mean, var, n), (dsum / safe_n, 2 * dsq / safe_n, jnp.zeros_like(n))
+
+    return Moments(*mean_var_count(x))
