@@ -210,3 +210,30 @@ def flax_unit_axes(path: KeyPath, shape: tuple[int, ...]) -> tuple[int, ...]:
         f"adaptive_grad_clip has no default unit layout for leaf {path_str(path)!r} of shape "
         f"{shape}; pass axis= or unit_axes= to choose its reduction axes"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Per-tensor norms
+
+
+def leaf_norms(leaves: Sequence[jax.Array], *, axis_name=None) -> jax.Array:
+    """Float32 L2 norm of each array in ``leaves``, as a vector of shape ``(len(leaves),)``.
+
+    Overflow-safe like :func:`global_norm`, with one rescue branch shared by all leaves that runs
+    only when some leaf needs it; a leaf whose squares all underflow to 0 keeps norm 0. With
+    ``axis_name`` (inside ``shard_map``/``pmap``) each norm is taken over the leaf's shards on all
+    devices. The global norm of the tree is ``global_norm(leaf_norms(...))``.
+    """
+    if not leaves:
+        return jnp.zeros((0,), jnp.float32)
+    ssq = _psum(jnp.stack([sumsq(x) for x in leaves]), axis_name)
+    bad = ~(_trusted(ssq) | (ssq == 0))
+
+    def rescaled(s):
+        m = _pmax(jnp.stack([max_abs(x) for x in leaves]), axis_name)
+        inv = jnp.where((m > 0) & jnp.isfinite(m), 1.0 / m, 1.0)
+        s_scaled = jnp.stack([sumsq(x.astype(jnp.float32) * inv[i]) for i, x in enumerate(leaves)])
+        exact = _scaled_norm(m, _psum(s_scaled, axis_name))
+        return jnp.where(bad, exact, jnp.sqrt(s))
+
+    return jax.lax.cond(jnp.any(bad), rescaled, jnp.sqrt, ssq)

@@ -1,0 +1,193 @@
+"""Running statistics of gradient norms, shared by the adaptive transforms and the guards.
+
+Pure functions over small ``NamedTuple`` states of float32/int32 arrays: no Python lists, no host
+sync, so a whole run works under ``jit`` and ``lax.scan``. Every update takes an ``accept`` flag and
+leaves the state bit-for-bit unchanged when it is false or when the sample is not finite: a NaN or
+Inf step can never poison the statistics.
+
+- :class:`MeanVar`: mean and variance of a scalar stream. The first ``warmup_steps`` accepted
+  samples give the exact mean and population variance (Welford's recurrence, no buffer); after
+  that both follow exponential moving averages (ZClip's statistics). Used by ``zscore_clip`` and
+  ``skip_anomalies``.
+- :func:`ema`: one exponential-moving-average step, also used per tensor by ``adagc``.
+- :class:`P2Quantile`: a streaming quantile in 16 numbers (the P-square algorithm), used by
+  ``quantile_clip``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_F32 = jnp.float32
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+def as_f32(x) -> jax.Array:
+    """``x`` as float32: hyperparameters injected by ``optax.inject_hyperparams`` arrive in the
+    parameters' dtype (possibly float16), statistics are always kept in float32."""
+    return jnp.asarray(x, _F32)
+
+
+def select(accept: jax.Array, new, old):
+    """``new`` where the scalar ``accept`` holds, else ``old`` (leaf by leaf, bit-exact)."""
+    return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
+
+
+def ema(mean: jax.Array, x: jax.Array, decay) -> jax.Array:
+    """One step of an exponential moving average: ``decay * mean + (1 - decay) * x``."""
+    decay = as_f32(decay)
+    return decay * mean + (1 - decay) * x
+
+
+# --------------------------------------------------------------------------------------------
+# Mean and variance: exact during warm-up, exponential moving averages after
+
+
+class MeanVar(NamedTuple):
+    """Running mean and (population) variance of a float32 scalar stream."""
+
+    count: jax.Array  # int32, samples accepted so far
+    mean: jax.Array  # float32
+    var: jax.Array  # float32
+
+
+def mean_var_init() -> MeanVar:
+    zero = lambda: jnp.zeros((), _F32)  # distinct buffers: states get donated
+    return MeanVar(jnp.zeros((), jnp.int32), zero(), zero())
+
+
+def warmup_length(warmup_steps) -> jax.Array:
+    """Samples that seed the statistics: ``warmup_steps``, at least 1 (a mean needs a sample)."""
+    return jnp.maximum(jnp.asarray(warmup_steps, jnp.int32), 1)
+
+
+def ready(stats: MeanVar, warmup_steps) -> jax.Array:
+    """Whether warm-up is over, i.e. the statistics may be used to judge a sample."""
+    return stats.count >= warmup_length(warmup_steps)
+
+
+def std(stats: MeanVar) -> jax.Array:
+    return jnp.sqrt(jnp.maximum(stats.var, 0.0))
+
+
+def mean_var_update(stats: MeanVar, x, *, decay, warmup_steps, accept=True) -> MeanVar:
+    """Adds the sample ``x`` unless ``accept`` is false or ``x`` is not finite.
+
+    While fewer than ``warmup_length(warmup_steps)`` samples were accepted, ``mean``/``var`` are
+    the exact mean and population variance of the samples so far (Welford). After that:
+    ``mean <- ema(mean, x)``, then ``var <- ema(var, (x - mean)**2)`` with the new mean.
+    """
+    x = as_f32(x)
+    accept = jnp.asarray(accept) & jnp.isfinite(x)
+    n = (stats.count + 1).astype(_F32)
+    delta = x - stats.mean
+    welford_mean = stats.mean + delta / n
+    welford_var = stats.var + (delta * (x - welford_mean) - stats.var) / n
+    ema_mean = ema(stats.mean, x, decay)
+    ema_var = ema(stats.var, jnp.square(x - ema_mean), decay)
+    warm = stats.count < warmup_length(warmup_steps)
+    new = MeanVar(
+        optax.safe_increment(stats.count),
+        jnp.where(warm, welford_mean, ema_mean),
+        jnp.where(warm, welford_var, ema_var),
+    )
+    return select(accept, new, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming quantile: the P-square algorithm
+
+
+class P2Quantile(NamedTuple):
+    """State of a P-square quantile estimator over the logarithms of the samples.
+
+    Until 5 samples are in, ``heights`` holds them sorted (padded with +inf); after that it holds
+    the 5 markers' heights: the minimum, the ``p/2``, ``p`` and ``(1+p)/2`` quantiles and the
+    maximum. ``positions`` are the markers' ranks (1-based, exact integers) and ``offsets`` their
+    desired minus actual ranks, kept small so float32 stays exact over any run length.
+    """
+
+    count: jax.Array  # int32, samples accepted so far
+    heights: jax.Array  # float32 (5,), log-samples or marker heights
+    positions: jax.Array  # int32 (5,)
+    offsets: jax.Array  # float32 (5,)
+
+
+def p2_init() -> P2Quantile:
+    return P2Quantile(
+        jnp.zeros((), jnp.int32),
+        jnp.full((5,), jnp.inf, _F32),
+        jnp.arange(1, 6, dtype=jnp.int32),
+        jnp.zeros((5,), _F32),
+    )
+
+
+def _p2_step(state: P2Quantile, y: jax.Array, p: jax.Array) -> P2Quantile:
+    """One P-square step (at least 5 samples already in) with the log-sample ``y``."""
+    q = [state.heights[i] for i in range(5)]
+    n = [state.positions[i] for i in range(5)]
+    # The cell k holding y (q[k] <= y < q[k+1]); the extreme markers follow the extremes.
+    k = sum((y >= q[i]).astype(jnp.int32) for i in (1, 2, 3))
+    q[0], q[4] = jnp.minimum(q[0], y), jnp.maximum(q[4], y)
+    moved = [(k < i).astype(jnp.int32) for i in range(5)]
+    n = [n[i] + moved[i] for i in range(5)]
+    increments = (0.0, p / 2, p, (1 + p) / 2, 1.0)
+    d = [state.offsets[i] + increments[i] - moved[i] for i in range(5)]
+    for i in (1, 2, 3):  # in order: each adjusted marker is the next one's neighbour
+        gap_up, gap_down = n[i + 1] - n[i], n[i] - n[i - 1]
+        s = jnp.where(
+            (d[i] >= 1) & (gap_up > 1), 1, jnp.where((d[i] <= -1) & (gap_down > 1), -1, 0)
+        )
+        sf, up, down = s.astype(_F32), gap_up.astype(_F32), gap_down.astype(_F32)
+        parabolic = q[i] + sf / (up + down) * (
+            (down + sf) * (q[i + 1] - q[i]) / up + (up - sf) * (q[i] - q[i - 1]) / down
+        )
+        linear = jnp.where(s > 0, q[i] + (q[i + 1] - q[i]) / up, q[i] - (q[i] - q[i - 1]) / down)
+        inside = (q[i - 1] < parabolic) & (parabolic < q[i + 1])
+        q[i] = jnp.where(s != 0, jnp.where(inside, parabolic, linear), q[i])
+        n[i] = n[i] + s
+        d[i] = d[i] - sf
+    return P2Quantile(state.count, jnp.stack(q), jnp.stack(n), jnp.stack(d))
+
+
+def p2_update(state: P2Quantile, x, p, accept=True) -> P2Quantile:
+    """Adds the sample ``x >= 0`` to the estimate of the ``p``-quantile, unless ``accept`` is false
+    or ``x`` is not finite.
+
+    Runs on ``log(max(x, tiny))``: quantiles commute with the logarithm, gradient norms are far
+    closer to log-normal than to normal (so P-square's parabolic interpolation fits better), and a
+    finite spike of any size moves the interpolated markers by its logarithm only.
+    """
+    x, p = as_f32(x), as_f32(p)
+    accept = jnp.asarray(accept) & jnp.isfinite(x)
+    y = jnp.log(jnp.maximum(x, _TINY))
+    filling = P2Quantile(
+        state.count,
+        jnp.sort(state.heights.at[4].set(y)),  # slot 4 is +inf while fewer than 5 samples are in
+        state.positions,
+        jnp.stack([0.0, 2 * p - 1, 4 * p - 2, 2 * p - 1, 0.0]),  # desired ranks once 5 are in
+    )
+    new = select(state.count < 5, filling, _p2_step(state, y, p))
+    new = new._replace(count=optax.safe_increment(state.count))
+    return select(accept, new, state)
+
+
+def p2_estimate(state: P2Quantile, p) -> jax.Array:
+    """The current ``p``-quantile estimate (float32); +inf before the first sample.
+
+    With fewer than 5 samples it is their exact quantile, interpolated linearly on the log scale;
+    after that it is the middle P-square marker.
+    """
+    p = as_f32(p)
+    count = state.count
+    rank = (jnp.minimum(count, 5) - 1).astype(_F32) * p
+    lo = jnp.floor(rank).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(count - 1, 0))
+    h = state.heights
+    exact = h[lo] + (rank - lo) * jnp.where(hi > lo, h[hi] - h[lo], 0.0)
+    log_q = jnp.where(count >= 5, h[2], exact)
+    return jnp.where(count > 0, jnp.exp(log_q), jnp.inf)
