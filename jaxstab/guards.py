@@ -1,0 +1,351 @@
+"""Guards: skip a bad step without damaging the optimizer, and dynamic loss scaling for float16.
+
+- :func:`skip_anomalies` wraps any optax transformation and skips steps whose gradients are
+  non-finite, too large, or a statistical outlier; a skipped step leaves the inner state exactly
+  as it was.
+- :class:`DynamicLossScale` (made by :func:`dynamic_loss_scale`) scales the loss so float16
+  gradients do not underflow, and lowers the scale after an overflow; :func:`all_finite` tells
+  whether a step overflowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.extend.core import Literal, Var
+
+from jaxstab import _checks, _norms, _stats
+from jaxstab.telemetry import telemetry_state
+
+AxisName = str | Sequence[str] | None
+
+
+# --------------------------------------------------------------------------------------------
+# Skipping a step in place
+#
+# The obvious skip, ``new_state = where(skip, old_state, inner_state)`` leaf by leaf, makes XLA
+# copy every donated state buffer each step: XLA duplicates the cheap elementwise moment update
+# (``b1 * mu + (1 - b1) * g``) into both of its consumers, the select that writes ``mu`` in place
+# and the parameter update, which then reads the *old* ``mu`` -- so ``mu`` is read after being
+# overwritten unless it is first copied away (3-4x the cost of Adam on CPU). The fix is to let
+# every later computation read the *selected* value, as plain Adam's update reads the new moments:
+# the inner update is traced once, then re-evaluated with each new-state value replaced, right
+# where it is computed, by ``where(skip, old, new)``. Values are unchanged on accepted steps
+# (``where(False, old, new)`` is ``new`` bit for bit) and only the zeroed update sees the
+# difference on skipped ones; XLA then writes each selected moment in place once and the
+# parameter update reads it, as in plain Adam.
+
+
+def _eval_selecting(jaxpr, consts, args, replace, skip) -> tuple[list, set]:
+    """Evaluates ``jaxpr`` like ``jax.core.eval_jaxpr``; each variable ``v`` in ``replace`` is
+    bound to ``where(skip, replace[v], value)`` as soon as it is computed, also inside nested
+    ``jit`` calls. Returns the outputs and the variables of ``replace`` that were replaced."""
+    env: dict = {}
+    read = lambda v: v.val if isinstance(v, Literal) else env[v]
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    done = set()
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        hits = [v for v in eqn.outvars if v in replace]
+        inner_done: set = set()
+        if hits and "jaxpr" in eqn.params and eqn.primitive.name in ("jit", "pjit"):
+            closed = eqn.params["jaxpr"]
+            produced = {v for e in closed.jaxpr.eqns for v in e.outvars}
+            inner = {
+                iv: replace[ov]
+                for ov, iv in zip(eqn.outvars, closed.jaxpr.outvars, strict=True)
+                if ov in replace and iv in produced
+            }
+            outs, inner_replaced = _eval_selecting(closed.jaxpr, closed.consts, invals, inner, skip)
+            inner_done = {
+                ov
+                for ov, iv in zip(eqn.outvars, closed.jaxpr.outvars, strict=True)
+                if iv in inner_replaced
+            }
+        else:
+            ctx = getattr(getattr(eqn, "ctx", None), "manager", contextlib.nullcontext())
+            with ctx:
+                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            if v in replace and v not in inner_done:
+                x = jnp.where(skip, replace[v], x)
+            if v in replace:
+                done.add(v)
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars], done
+
+
+def _update_or_keep(inner, skip, updates, state, params, extra_args):
+    """``inner.update(...)``, with the new state ``where(skip, state, new_state)`` leaf by leaf and
+    the updates computed from that selected state (see above); the updates still need zeroing."""
+    closed, shapes = jax.make_jaxpr(
+        lambda u, s: inner.update(u, s, params, **extra_args), return_shape=True
+    )(updates, state)
+    jaxpr = closed.jaxpr
+    n_updates = len(jax.tree.leaves(shapes[0]))
+    olds = jax.tree.leaves(state)
+    state_vars = jaxpr.outvars[n_updates:]
+    produced = {v for e in jaxpr.eqns for v in e.outvars}
+    owner: dict = {}  # new-state variable -> index of the state leaf whose old value replaces it
+    for i, v in enumerate(state_vars):
+        if isinstance(v, Var) and v in produced:
+            owner.setdefault(v, i)
+    replace = {v: olds[i] for v, i in owner.items()}
+    outs, _ = _eval_selecting(
+        jaxpr, closed.consts, jax.tree.leaves((updates, state)), replace, skip
+    )
+    new_leaves = [
+        x if isinstance(v, Var) and owner.get(v) == i else jnp.where(skip, olds[i], x)
+        for i, (v, x) in enumerate(zip(state_vars, outs[n_updates:], strict=True))
+    ]
+    new_updates = jax.tree.unflatten(jax.tree.structure(shapes[0]), outs[:n_updates])
+    return new_updates, jax.tree.unflatten(jax.tree.structure(shapes[1]), new_leaves)
+
+
+@telemetry_state("skip_anomalies", ("skipped", "skipped_total", "grad_norm", "threshold"))
+class SkipAnomaliesState(NamedTuple):
+    """State of :func:`skip_anomalies`: the inner state, norm statistics and telemetry."""
+
+    inner_state: Any  # the wrapped transformation's state, untouched by skipped steps
+    stats: _stats.MeanVar  # count, mean and variance of accepted norms
+    skipped: jax.Array  # bool, whether this step was skipped
+    skipped_total: jax.Array  # int32, steps skipped so far
+    grad_norm: jax.Array  # float32 global norm of this step's gradients
+    threshold: jax.Array  # float32 largest norm accepted this step (+inf in warm-up)
+
+
+def skip_anomalies(
+    inner: optax.GradientTransformation,
+    *,
+    z_threshold: float | jax.Array = 6.0,
+    decay: float | jax.Array = 0.99,
+    warmup_steps: int | jax.Array = 25,
+    max_norm: float | jax.Array | None = None,
+    eps: float | jax.Array = 1e-6,
+    axis_name: AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` so that anomalous steps are skipped: zero update, inner state unchanged.
+
+    A step is skipped when its gradients are not all finite, when their global norm exceeds
+    ``max_norm`` (if given), or -- after ``warmup_steps`` accepted steps -- when the norm's
+    z-score ``(g - mean) / (std + eps)`` against running statistics exceeds ``z_threshold``. A
+    skipped step returns all-zero updates and the inner optimizer's state exactly as it was (bit
+    for bit: Adam's moments and step count do not move), so the step never happened.
+
+    The statistics are those of :func:`jaxstab.zscore_clip` (exact mean and variance over the
+    warm-up, EMAs with ``decay`` after) and learn from accepted norms. A non-finite or over
+    ``max_norm`` step never touches them, so unlike the skip wrappers that keep a window of raw
+    norms, one NaN does not make the following healthy steps look anomalous. A step skipped for
+    its z-score enters them clipped to the threshold (as ZClip's statistics do): a few spikes only
+    widen the band, and a lasting change of the norm's level (a new data mix, unfrozen layers) is
+    learned within a few dozen steps instead of skipping every later step.
+
+    Cost: one global norm, and one select per inner-state leaf with a scalar predicate that XLA
+    fuses into the inner optimizer's own elementwise update (no state copy).
+
+    Args:
+      inner: the transformation to guard, e.g. ``optax.adam(1e-3)``.
+      z_threshold: z-score above which a step is skipped; ``> 0``.
+      decay: EMA decay of the norm statistics, in ``[0, 1)``.
+      warmup_steps: accepted steps that seed the statistics before z-scores are judged; ``>= 0``
+        (0 acts as 1).
+      max_norm: optional fixed bound: steps with a larger global norm are skipped; ``>= 0``.
+      eps: added to the standard deviation in the z-score; ``>= 0``.
+      axis_name: inside ``shard_map``/``pmap`` with the tree sharded across devices, the mapped
+        axis name(s): the norm becomes global with one ``psum``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state wraps ``inner``'s and holds
+      ``skipped``, ``skipped_total``, ``grad_norm``, ``threshold`` (see :func:`jaxstab.telemetry`).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from jaxstab.guards import skip_anomalies
+      >>> tx = skip_anomalies(optax.adam(0.1), warmup_steps=2)
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = tx.init(params)
+      >>> for g in [1.0, 1.2, jnp.nan, 1.1]:
+      ...     updates, state = tx.update({"w": jnp.full(2, g)}, state, params)
+      ...     print(bool(state.skipped), updates["w"][0] != 0)
+      False True
+      False True
+      True False
+      False True
+      >>> int(state.inner_state[0].count)  # Adam saw 3 steps: the NaN step never happened
+      3
+    """
+    _checks.check_range("z_threshold", z_threshold, low=0, low_open=True)
+    _checks.check_range("decay", decay, low=0, high=1, high_open=True)
+    _checks.check_range("warmup_steps", warmup_steps, low=0)
+    _checks.check_range("eps", eps, low=0)
+    if max_norm is not None:
+        _checks.check_range("max_norm", max_norm, low=0)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        zero = lambda: jnp.zeros((), jnp.float32)  # distinct buffers: states get donated
+        return SkipAnomaliesState(
+            inner.init(params),
+            _stats.mean_var_init(),
+            jnp.zeros((), bool),
+            jnp.zeros((), jnp.int32),
+            zero(),
+            zero(),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        norm = _norms.global_norm(updates, axis_name=axis_name)
+        stats = state.stats
+        z_limit = stats.mean + _stats.as_f32(z_threshold) * (_stats.std(stats) + _stats.as_f32(eps))
+        z_limit = jnp.where(_stats.ready(stats, warmup_steps), z_limit, jnp.inf)
+        threshold = z_limit
+        learn = jnp.isfinite(norm)
+        if max_norm is not None:
+            threshold = jnp.minimum(threshold, _stats.as_f32(max_norm))
+            learn &= norm <= _stats.as_f32(max_norm)
+        skip = ~(jnp.isfinite(norm) & (norm <= threshold))
+        keep = (~skip).astype(jnp.float32)
+        inner_updates, inner_state = _update_or_keep(
+            inner, skip, _norms.scale_tree(updates, keep), state.inner_state, params, extra_args
+        )
+        stats = _stats.mean_var_update(
+            stats, jnp.minimum(norm, z_limit), decay=decay, warmup_steps=warmup_steps, accept=learn
+        )
+        new_state = SkipAnomaliesState(
+            inner_state,
+            stats,
+            skip,
+            state.skipped_total + skip.astype(jnp.int32),
+            norm,
+            threshold,
+        )
+        return _norms.scale_tree(inner_updates, keep), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamic loss scaling
+
+
+def all_finite(tree, *, axis_name: AxisName = None) -> jax.Array:
+    """Whether every floating-point value in ``tree`` is finite, as a bool scalar.
+
+    With ``axis_name`` (inside ``shard_map``/``pmap``) the answer covers every device's shard.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxstab.guards import all_finite
+      >>> bool(all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}))
+      False
+    """
+    leaves = _norms.float_leaves(tree)
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+    ok = jnp.asarray(ok)
+    if axis_name is not None:
+        ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
+    return ok
+
+
+class DynamicLossScale(NamedTuple):
+    """A dynamic loss scale for float16 training: a pytree of five arrays.
+
+    Multiply the loss by the scale before differentiating (:meth:`scale`) so small float16
+    gradients do not flush to zero(), divide the gradients by it (:meth:`unscale`), then
+    :meth:`adjust` it: after ``period`` finite steps in a row it grows by ``factor``; after a step
+    with an overflow it shrinks by ``factor``, never below ``min_scale``. Every field is an array
+    leaf, so the configuration survives ``jit``, ``tree_map``, flatten/unflatten and checkpoints
+    (``flax.serialization``, orbax) unchanged -- jmp's ``DynamicLossScale`` drops its minimum
+    there. Make one with :func:`dynamic_loss_scale`.
+    """
+
+    loss_scale: jax.Array  # float32, the current scale
+    counter: jax.Array  # int32, finite steps since the scale last changed
+    period: jax.Array  # int32, finite steps between growths
+    factor: jax.Array  # float32, growth and shrink factor
+    min_scale: jax.Array  # float32, floor of the scale
+
+    def scale(self, tree):
+        """``tree`` (the loss, or any pytree) times the loss scale, each leaf in its dtype."""
+        return _norms.scale_tree(tree, self.loss_scale)
+
+    def unscale(self, tree):
+        """``tree`` (the gradients) divided by the loss scale, each leaf in its dtype."""
+        return _norms.scale_tree(tree, 1.0 / self.loss_scale)
+
+    def adjust(self, grads_finite) -> DynamicLossScale:
+        """The next loss scale, given whether this step's (unscaled) gradients were all finite."""
+        grads_finite = jnp.asarray(grads_finite)
+        counter = self.counter + 1
+        due = counter >= self.period
+        grown = self.loss_scale * self.factor
+        grown = jnp.where(due & jnp.isfinite(grown), grown, self.loss_scale)
+        shrunk = jnp.maximum(self.loss_scale / self.factor, self.min_scale)
+        return self._replace(
+            loss_scale=jnp.where(grads_finite, grown, shrunk),
+            counter=jnp.where(grads_finite & ~due, counter, 0),
+        )
+
+
+def dynamic_loss_scale(
+    initial_scale: float = 2.0**15,
+    *,
+    period: int = 2000,
+    factor: float = 2.0,
+    min_scale: float = 1.0,
+) -> DynamicLossScale:
+    """A :class:`DynamicLossScale` starting at ``initial_scale``.
+
+    Combine it with :func:`skip_anomalies` so an overflow step is both skipped (the optimizer
+    never sees it) and answered by a lower scale.
+
+    Args:
+      initial_scale: the starting scale, ``>= min_scale``; a power of 2 keeps scaling exact.
+      period: finite steps in a row after which the scale grows; ``>= 1``.
+      factor: growth and shrink factor; ``>= 1``.
+      min_scale: the scale never goes below this; ``> 0``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxstab.guards import dynamic_loss_scale, skip_anomalies, all_finite
+      >>> loss_fn = lambda p, x: jnp.sum((p["w"] * x) ** 2).astype(jnp.float16)
+      >>> params = {"w": jnp.ones(2, jnp.float16)}
+      >>> tx = skip_anomalies(optax.sgd(0.1))
+      >>> opt_state, loss_scale = tx.init(params), dynamic_loss_scale(2.0**15)
+      >>> @jax.jit
+      ... def train_step(params, opt_state, loss_scale, x):
+      ...     grads = jax.grad(lambda p: loss_scale.scale(loss_fn(p, x)))(params)
+      ...     grads = loss_scale.unscale(grads)
+      ...     loss_scale = loss_scale.adjust(all_finite(grads))  # halve after an overflow
+      ...     updates, opt_state = tx.update(grads, opt_state, params)  # skip it
+      ...     return optax.apply_updates(params, updates), opt_state, loss_scale
+      >>> x = jnp.array([1.0, 2.0], jnp.float16)
+      >>> params, opt_state, loss_scale = train_step(params, opt_state, loss_scale, x)
+      >>> bool(opt_state.skipped), float(loss_scale.loss_scale)  # 8 * 2**15 overflows float16
+      (True, 16384.0)
+      >>> params["w"]  # unchanged
+      Array([1., 1.], dtype=float16)
+
+    References:
+      Micikevicius et al., `Mixed Precision Training <https://arxiv.org/abs/1710.03740>`_,
+      ICLR 2018.
+    """
+    _checks.check_range("min_scale", min_scale, low=0, low_open=True)
+    _checks.check_range("initial_scale", initial_scale, low=min_scale)
+    _checks.check_range("period", period, low=1)
+    _checks.check_range("factor", factor, low=1)
+    return DynamicLossScale(
+        jnp.asarray(initial_scale, jnp.float32),
+        jnp.zeros((), jnp.int32),
+        jnp.asarray(period, jnp.int32),
+        jnp.asarray(factor, jnp.float32),
+        jnp.asarray(min_scale, jnp.float32),
+    )
