@@ -1,10 +1,12 @@
 """Norms of gradient trees: float32, overflow-safe, single pass in the common case.
 
-Everything here is a pure function of arrays; the transforms build on it. The sum of squares is
-accumulated in float32 whatever the leaf dtype. When it leaves the range where float32 squares are
-exact enough (it overflows, or it is so small that squares fall into subnormals), the norm is
-computed again from values rescaled by their largest magnitude, inside a ``lax.cond`` that only
-runs in that rare case: the common case reads every gradient once.
+Everything here is a pure function of arrays; the transforms build on it. Sums of squares are
+accumulated in float32 whatever the leaf dtype. When a sum leaves the range where float32 squares
+are exact (it overflows, or it is so small that squares fall into subnormals), it is computed again
+from values multiplied by a power of two that brings their squares into range, inside a
+``lax.cond`` that runs only in that rare case: the common case reads every gradient once. Norms
+from about 1e-35 up to float32's largest value (3.4e38) come out right; optax's overflow to Inf
+from a norm of 1.8e19 on (float32) or from float16 elements of 256.
 """
 
 from __future__ import annotations
@@ -16,12 +18,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Sums of squares inside [_SUMSQ_LO, _SUMSQ_HI] are trusted; outside it the norm is recomputed
-# from rescaled values. The upper bound is float32's largest finite value; the lower one keeps
-# every square that matters above float32's smallest normal (1.2e-38) for trees of up to 1e12
-# elements, so flushed subnormals cost less than 1e-6 relative error.
+# Sums of squares inside [_SUMSQ_LO, _SUMSQ_HI] are trusted. The upper bound is float32's largest
+# finite value; the lower one keeps every square that matters above float32's smallest normal
+# (1.2e-38) for trees of up to 1e12 elements, so flushed subnormals cost < 1e-6 relative error.
 _SUMSQ_LO = 1e-20
 _SUMSQ_HI = float(jnp.finfo(jnp.float32).max)
+# Rescue factors (exact powers of two): a sum above _SUMSQ_HI means a norm in [1.8e19, 3.4e38],
+# whose values times 2**-70 have squares in [2e-4, 1e35]; a sum below _SUMSQ_LO means a norm
+# under 1e-10, whose values times 2**70 have squares that sum to at most 1.4e22.
+_DOWN = 2.0**-70
+_UP = 2.0**70
+# The global norm's rescue branch reduces leaves of up to _GROUP_LEAF elements in concatenated
+# groups of up to _GROUP_SIZE elements: one reduction per group instead of one per leaf keeps the
+# compile time of trees with thousands of small leaves near optax's, at a temporary of 64 MiB.
+_GROUP_LEAF = 2**20
+_GROUP_SIZE = 2**24
 
 KeyPath = tuple[Any, ...]
 
@@ -37,43 +48,52 @@ def float_leaves(tree) -> list[jax.Array]:
     return [x for x in leaves if is_array_leaf(x)]
 
 
-def sumsq(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
-    """Sum of squared magnitudes of ``x`` accumulated in float32."""
+def sumsq(x: jax.Array, axis=None, keepdims: bool = False, scale=None) -> jax.Array:
+    """Sum of squared magnitudes of ``x`` (times ``scale``, if given) accumulated in float32."""
     x32 = jnp.abs(x).astype(jnp.float32) if jnp.iscomplexobj(x) else x.astype(jnp.float32)
+    if scale is not None:
+        x32 = x32 * scale
     return jnp.sum(x32 * x32, axis=axis, keepdims=keepdims)
-
-
-def max_abs(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
-    """Largest magnitude of ``x`` in float32 (0 for an empty array)."""
-    return jnp.max(jnp.abs(x).astype(jnp.float32), axis=axis, keepdims=keepdims, initial=0.0)
-
-
-def _scaled_norm(scale: jax.Array, ssq_of_scaled: jax.Array) -> jax.Array:
-    """``scale * sqrt(ssq_of_scaled)``, where ``scale`` (a max-abs) may be 0, Inf or NaN."""
-    safe = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
-    return jnp.where(jnp.isfinite(scale) & (scale > 0), safe * jnp.sqrt(ssq_of_scaled), scale)
 
 
 def _trusted(ssq: jax.Array) -> jax.Array:
     return (ssq >= _SUMSQ_LO) & (ssq <= _SUMSQ_HI)
 
 
+def _rescue_scale(ssq: jax.Array) -> jax.Array:
+    """The power of two that brings the squares behind an untrusted ``ssq`` into range."""
+    return jnp.where(ssq > _SUMSQ_HI, _DOWN, _UP).astype(jnp.float32)
+
+
 def _psum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _pmax(x, axis_name):
-    return x if axis_name is None else jax.lax.pmax(x, axis_name)
+def _grouped_sumsq(leaves: Sequence[jax.Array], scale: jax.Array) -> jax.Array:
+    """``sum(sumsq(x, scale=scale) for x in leaves)`` with small leaves reduced in groups."""
+    parts, group, size = [], [], 0
+    for x in leaves:
+        if x.size > _GROUP_LEAF:
+            parts.append(sumsq(x, scale=scale))
+            continue
+        if group and size + x.size > _GROUP_SIZE:
+            parts.append(sumsq(jnp.concatenate(group), scale=scale))
+            group, size = [], 0
+        group.append(jnp.ravel(x).astype(jnp.float32))
+        size += x.size
+    if group:
+        parts.append(sumsq(jnp.concatenate(group), scale=scale))
+    return sum(parts)
 
 
 def global_norm(tree, *, axis_name: str | Sequence[str] | None = None) -> jax.Array:
     """L2 norm of all floating-point leaves of ``tree`` as a float32 scalar.
 
-    Unlike ``optax.global_norm``, the result is right for every representable norm: float16
-    leaves of 300 or float32 leaves of 1e20 (whose squares overflow) and tiny gradients whose
-    squares underflow are rescaled by their largest magnitude in a branch that runs only then.
-    ``None`` leaves and ``optax.MaskedNode`` are ignored, integer leaves skipped; a NaN anywhere
-    gives NaN and an Inf (without NaN) gives Inf.
+    Unlike ``optax.global_norm``, the result is right for every norm float32 represents: float16
+    leaves of 300 or float32 leaves of 1e20 (whose squares overflow) and tiny gradients (whose
+    squares underflow) are summed again from values rescaled by a power of two, in a branch that
+    runs only then. ``None`` leaves and ``optax.MaskedNode`` are ignored, integer leaves skipped;
+    a NaN anywhere gives NaN and an Inf (without NaN) gives Inf.
 
     Args:
       tree: a pytree of arrays (gradients, updates, parameters).
@@ -89,39 +109,53 @@ def global_norm(tree, *, axis_name: str | Sequence[str] | None = None) -> jax.Ar
       5.0
       >>> float(jaxstab.global_norm({"a": jnp.full((4,), 300.0, jnp.float16)}))
       600.0
+      >>> float(jaxstab.global_norm([jnp.full((4,), 1e20)]))
+      2e+20
     """
     leaves = float_leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
     ssq = _psum(sum(sumsq(x) for x in leaves), axis_name)
 
-    def rescaled(_):
-        m = _pmax(jnp.max(jnp.stack([max_abs(x) for x in leaves])), axis_name)
-        inv = jnp.where((m > 0) & jnp.isfinite(m), 1.0 / m, 1.0)
-        s = _psum(sum(sumsq(x.astype(jnp.float32) * inv) for x in leaves), axis_name)
-        return _scaled_norm(m, s)
+    def rescue(s):
+        scale = _rescue_scale(s)
+        return jnp.sqrt(_psum(_grouped_sumsq(leaves, scale), axis_name)) / scale
 
-    return jax.lax.cond(_trusted(ssq), jnp.sqrt, rescaled, ssq)
+    return jax.lax.cond(_trusted(ssq), jnp.sqrt, rescue, ssq)
 
 
-def unit_norms(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """Per-unit L2 norms of ``x`` reduced over ``axes`` (kept as size-1 dims), float32.
+def unit_norms(
+    leaves: Sequence[jax.Array],
+    axes: Sequence[tuple[int, ...]],
+    *,
+    axis_name: str | Sequence[str] | None = None,
+) -> list[jax.Array]:
+    """Per-unit float32 L2 norms of each leaf, reduced over its ``axes`` (kept as size-1 dims).
 
-    Overflow-safe like :func:`global_norm`: units whose sum of squares overflows or is tiny are
-    recomputed from values rescaled by the unit's largest magnitude, in a branch that runs only
+    Overflow-safe like :func:`global_norm`, with one rescue branch for all leaves that runs only
     when some unit needs it. A unit whose squares all underflow to exactly 0 keeps norm 0 (for
-    clipping, such a unit is far below any threshold), so all-zero units cost no second pass.
+    clipping such a unit is far below any threshold), so all-zero units cost no second pass. With
+    ``axis_name`` the sums of squares are summed over devices, for leaves sharded along reduced
+    axes (e.g. whole-leaf norms of a sharded tree).
     """
-    ssq = sumsq(x, axis=axes, keepdims=True)
-    bad = ~(_trusted(ssq) | (ssq == 0))
+    if not leaves:
+        return []
+    ssq = [
+        _psum(sumsq(x, axis=a, keepdims=True), axis_name)
+        for x, a in zip(leaves, axes, strict=True)
+    ]
+    bad = [~(_trusted(s) | (s == 0)) for s in ssq]
 
-    def rescaled(s):
-        m = max_abs(x, axis=axes, keepdims=True)
-        inv = jnp.where((m > 0) & jnp.isfinite(m), 1.0 / m, 1.0)
-        exact = _scaled_norm(m, sumsq(x.astype(jnp.float32) * inv, axis=axes, keepdims=True))
-        return jnp.where(bad, exact, jnp.sqrt(s))
+    def rescue(ssq):
+        out = []
+        for x, a, s, b in zip(leaves, axes, ssq, bad, strict=True):
+            scale = _rescue_scale(s)
+            exact = jnp.sqrt(_psum(sumsq(x, axis=a, keepdims=True, scale=scale), axis_name))
+            out.append(jnp.where(b, exact / scale, jnp.sqrt(s)))
+        return out
 
-    return jax.lax.cond(jnp.any(bad), rescaled, jnp.sqrt, ssq)
+    any_bad = jnp.any(jnp.stack([jnp.any(b) for b in bad]))
+    return jax.lax.cond(any_bad, rescue, lambda ssq: [jnp.sqrt(s) for s in ssq], ssq)
 
 
 def clip_factor(norm: jax.Array, max_norm) -> jax.Array:
@@ -219,21 +253,12 @@ def flax_unit_axes(path: KeyPath, shape: tuple[int, ...]) -> tuple[int, ...]:
 def leaf_norms(leaves: Sequence[jax.Array], *, axis_name=None) -> jax.Array:
     """Float32 L2 norm of each array in ``leaves``, as a vector of shape ``(len(leaves),)``.
 
-    Overflow-safe like :func:`global_norm`, with one rescue branch shared by all leaves that runs
-    only when some leaf needs it; a leaf whose squares all underflow to 0 keeps norm 0. With
+    Overflow-safe like :func:`global_norm` (:func:`unit_norms` over whole leaves). With
     ``axis_name`` (inside ``shard_map``/``pmap``) each norm is taken over the leaf's shards on all
     devices. The global norm of the tree is ``global_norm(leaf_norms(...))``.
     """
     if not leaves:
         return jnp.zeros((0,), jnp.float32)
-    ssq = _psum(jnp.stack([sumsq(x) for x in leaves]), axis_name)
-    bad = ~(_trusted(ssq) | (ssq == 0))
-
-    def rescaled(s):
-        m = _pmax(jnp.stack([max_abs(x) for x in leaves]), axis_name)
-        inv = jnp.where((m > 0) & jnp.isfinite(m), 1.0 / m, 1.0)
-        s_scaled = jnp.stack([sumsq(x.astype(jnp.float32) * inv[i]) for i, x in enumerate(leaves)])
-        exact = _scaled_norm(m, _psum(s_scaled, axis_name))
-        return jnp.where(bad, exact, jnp.sqrt(s))
-
-    return jax.lax.cond(jnp.any(bad), rescaled, jnp.sqrt, ssq)
+    axes = [tuple(range(x.ndim)) for x in leaves]
+    norms = unit_norms(leaves, axes, axis_name=axis_name)
+    return jnp.stack([n.reshape(()) for n in norms])

@@ -190,34 +190,33 @@ def adaptive_grad_clip(
             )
         _checks.check_same_structure("updates", updates, "params", params)
         paths_g, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        leaves_g = [g for _, g in paths_g]
         leaves_p = treedef.flatten_up_to(params)
-
-        plan, norm_parts, clipped_units, total_units = [], [], [], 0
-        for (path, g), p in zip(paths_g, leaves_p, strict=True):
-            if not _norms.is_array_leaf(g):
-                plan.append(None)
-                continue
-            if is_excluded(path, g):
-                plan.append(jnp.ones((), jnp.float32))
-                norm_parts.append(g)
-                continue
-            axes = axes_for(path, g)
-            g_norm = _norms.unit_norms(g, axes)
-            max_norm = clipping * jnp.maximum(_norms.unit_norms(p, axes), eps)
-            plan.append(_norms.clip_factor(g_norm, max_norm))
-            norm_parts.append(g_norm)
-            clipped_units.append(jnp.sum(g_norm > max_norm))
-            total_units += g_norm.size
-
-        grad_norm = _norms.global_norm(norm_parts)
+        # Leaves whose units are clipped; excluded and non-float leaves are passed through.
+        clip_idx, kept_idx = [], []
+        for i, (path, g) in enumerate(paths_g):
+            if _norms.is_array_leaf(g):
+                (kept_idx if is_excluded(path, g) else clip_idx).append(i)
+        axes = [axes_for(paths_g[i][0], leaves_g[i]) for i in clip_idx]
+        norms = _norms.unit_norms(
+            [leaves_g[i] for i in clip_idx] + [leaves_p[i] for i in clip_idx], axes + axes
+        )
+        g_norms, p_norms = norms[: len(clip_idx)], norms[len(clip_idx) :]
+        grad_norm = _norms.global_norm(g_norms + [leaves_g[i] for i in kept_idx])
         finite = jnp.isfinite(grad_norm)
+
+        factors = {i: jnp.where(finite, 1.0, 0.0) for i in kept_idx}
+        clipped = jnp.zeros((), jnp.int32)
+        for i, g_norm, p_norm in zip(clip_idx, g_norms, p_norms, strict=True):
+            max_norm = clipping * jnp.maximum(p_norm, eps)
+            factors[i] = jnp.where(finite, _norms.clip_factor(g_norm, max_norm), 0.0)
+            clipped += jnp.sum(g_norm > max_norm)
         new_leaves = [
-            g if factor is None else _norms.scale_leaf(g, jnp.where(finite, factor, 0.0))
-            for (_, g), factor in zip(paths_g, plan, strict=True)
+            _norms.scale_leaf(g, factors[i]) if i in factors else g
+            for i, g in enumerate(leaves_g)
         ]
-        clipped = sum(clipped_units, jnp.zeros((), jnp.int32))
-        fraction = clipped.astype(jnp.float32) / max(total_units, 1)
-        state = AdaptiveGradClipState(grad_norm, fraction)
+        units = sum(n.size for n in g_norms)
+        state = AdaptiveGradClipState(grad_norm, clipped.astype(jnp.float32) / max(units, 1))
         return jax.tree.unflatten(treedef, new_leaves), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

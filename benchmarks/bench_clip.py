@@ -1,0 +1,75 @@
+"""Clipping cost: jaxstab vs optax on a jitted, params-donated optimizer step.
+
+Each variant is reported as a ratio to the same optimizer without clipping, and to its
+memory-bandwidth floor: the time of a donated in-place triad (read g and p, write p: three
+param-sized arrays) scaled by the number of param-sized arrays the variant must move at the
+least (SGD 3; Adam 7: g, p, mu, nu read, p, mu, nu written; a global norm reads g once more;
+unit-wise norms read g and p once more).
+
+Run: ``PYTHONPATH=. python benchmarks/bench_clip.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import optax
+
+import jaxstab
+from benchmarks import _harness
+
+# name: (transformation factory, baseline name, param-sized arrays moved at the least)
+VARIANTS = {
+    "SGD": (lambda: optax.sgd(1e-3), "SGD", 3),
+    "Adam": (lambda: optax.adam(1e-3), "Adam", 7),
+    "optax clip+SGD": (
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1e-3)), "SGD", 4),
+    "optax clip+Adam": (
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), "Adam", 8),
+    "jaxstab clip+SGD": (
+        lambda: optax.chain(jaxstab.clip_by_global_norm(1.0), optax.sgd(1e-3)), "SGD", 4),
+    "jaxstab clip+Adam": (
+        lambda: optax.chain(jaxstab.clip_by_global_norm(1.0), optax.adam(1e-3)), "Adam", 8),
+    "optax AGC+SGD": (
+        lambda: optax.chain(optax.adaptive_grad_clip(0.01), optax.sgd(1e-3)), "SGD", 5),
+    "jaxstab AGC+SGD": (
+        lambda: optax.chain(jaxstab.adaptive_grad_clip(0.01), optax.sgd(1e-3)), "SGD", 5),
+}
+
+
+def run(n_leaves: int, total: int, reps: int) -> tuple[str, dict[str, float]]:
+    params, grads = _harness.make_tree(n_leaves, total)
+    steps = _harness.optimizer_steps({k: v[0]() for k, v in VARIANTS.items()})
+    steps["floor (triad)"] = (_harness.triad_floor(), lambda p: ())
+    times, compile_s = _harness.time_steps(steps, params, grads, reps=reps)
+    floor = times["floor (triad)"]
+    rows = []
+    for name, (_, base, arrays) in VARIANTS.items():
+        t = times[name]
+        rows.append([
+            name,
+            f"{t * 1e3:.2f}",
+            f"{t / times[base]:.2f}x",
+            f"{t / (floor * arrays / 3):.2f}x",
+            f"{compile_s[name]:.2f}",
+        ])
+    rows.append(["floor (triad)", f"{floor * 1e3:.2f}", "", "1.00x", ""])
+    header = ["variant", "ms/step", "vs unclipped", "vs floor", "compile s"]
+    ratios = {name: times[name] / times[VARIANTS[name][1]] for name in VARIANTS}
+    return _harness.markdown_table(header, rows), ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller tree")
+    args = parser.parse_args()
+    total = 2_000_000 if args.quick else 10_000_000
+    reps = 8 if args.quick else 40
+    for n_leaves in (20, 2000):
+        table, _ = run(n_leaves, total, reps if n_leaves == 20 else max(reps // 4, 4))
+        print(f"\n### Clipping step, {total / 1e6:g}M float32 params in {n_leaves} leaves\n")
+        print(table)
+
+
+if __name__ == "__main__":
+    main()
