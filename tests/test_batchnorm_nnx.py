@@ -1,0 +1,249 @@
+"""jaxstab.nnx.BatchNorm: parity with flax.nnx, bit-identity with jaxstab.linen, extras."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+from flax import nnx
+
+import jaxstab.linen
+import jaxstab.nnx
+from jaxstab import nn as core
+
+
+def normal(seed, shape, loc=0.0, scale=1.0, dtype=jnp.float32):
+    """Gaussian test input from NumPy (eager jax.random would compile per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).normal(loc, scale, shape), dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _nnx_run(graphdef, state, x, use_running_average, mask):
+    model = nnx.merge(graphdef, state)
+    y = model(x, use_running_average, mask=mask)
+    return y, nnx.state(model)
+
+
+def nnx_apply(model, x, mask=None, use_running_average=None):
+    """Runs an nnx module under jit; returns (output, its BatchStat state after the call)."""
+    graphdef, state = nnx.split(model)
+    y, state = _nnx_run(graphdef, state, x, use_running_average, mask)
+    nnx.update(model, state)
+    return y, nnx.state(model, nnx.BatchStat)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _linen_run(model, variables, x, mask):
+    return model.apply(variables, x, mask=mask, mutable=["batch_stats"])
+
+
+def linen_apply(model, variables, x, mask=None):
+    """Jitted training-mode linen apply: (output, updated batch_stats)."""
+    y, upd = _linen_run(model, variables, x, mask)
+    return y, upd["batch_stats"]
+
+
+# --------------------------------------------------------------------------------------------
+# flax's nnx/linen equivalence test (tests/nnx/nn/normalization_test.py), for both pairs
+
+PAIRS = {
+    "flax": (fnn.BatchNorm, nnx.BatchNorm),
+    "jaxstab": (jaxstab.linen.BatchNorm, jaxstab.nnx.BatchNorm),
+}
+
+
+class LinenConsistencyTest(parameterized.TestCase):
+    @parameterized.product(
+        pair=list(PAIRS),
+        dtype=[jnp.float32, jnp.float16],
+        use_fast_variance=[True, False],
+        mask=[None, np.array([True, False, True, False, True])],
+    )
+    def test_nnx_linen_batchnorm_equivalence(self, pair, dtype, use_fast_variance, mask):
+        linen_cls, nnx_cls = PAIRS[pair]
+        kwargs = dict(use_running_average=False, dtype=dtype, use_fast_variance=use_fast_variance)
+        x = normal(0, (10, 5))
+        linen_model = linen_cls(**kwargs)
+        variables = jax.jit(lambda x: linen_model.init(jax.random.key(1), x))(x)
+        linen_out, linen_stats = linen_apply(linen_model, variables, x, mask)
+        nnx_model = nnx_cls(5, rngs=nnx.Rngs(42), **kwargs)
+        nnx_out, nnx_stats = nnx_apply(nnx_model, x, mask)
+        if pair == "jaxstab" or dtype == jnp.float32:  # flax's nnx casts to float16 first
+            np.testing.assert_array_equal(linen_out, nnx_out)
+        if pair == "jaxstab":
+            np.testing.assert_array_equal(linen_stats["mean"], nnx_stats["mean"][...])
+            np.testing.assert_array_equal(linen_stats["var"], nnx_stats["var"][...])
+
+
+# --------------------------------------------------------------------------------------------
+# linen and nnx: bit-identical, extras included
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"axis": (1, 3)},
+        {"masked": True, "use_fast_variance": False},
+        {"renorm": True, "r_max": 1.5, "d_max": 0.5},
+        {"renorm": True, "schedules": True},
+        {"virtual_batch_size": 2, "unbiased_running_var": True},
+        {"dtype": jnp.bfloat16, "use_variance_shift": False},
+    ],
+)
+def test_linen_and_nnx_are_bit_identical(kwargs):
+    kwargs = dict(kwargs, momentum=0.7)
+    masked = kwargs.pop("masked", False)
+    if kwargs.pop("schedules", False):
+        kwargs["r_max"], kwargs["d_max"] = core.renorm_schedules(
+            warmup_steps=0, r_max_steps=2, d_max_steps=2
+        )
+    x = normal(1, (4, 3, 2, 5), loc=3.0, scale=2.0)
+    mask = np.random.default_rng(2).random((4, 3, 2, 1)) < 0.7 if masked else None
+    axis = kwargs.get("axis", -1)
+    features = tuple(x.shape[a] for a in core.canonical_axes(x.ndim, axis))
+    linen_model = jaxstab.linen.BatchNorm(use_running_average=False, **kwargs)
+    variables = jax.jit(lambda x: linen_model.init(jax.random.key(0), x))(x)
+    nnx_model = jaxstab.nnx.BatchNorm(features, rngs=nnx.Rngs(0), **kwargs)
+    for _ in range(2):  # two steps: the second one starts from updated running statistics
+        linen_y, stats = linen_apply(linen_model, variables, x, mask)
+        variables = {**variables, "batch_stats": stats}
+        nnx_y, nnx_stats = nnx_apply(nnx_model, x, mask)
+        np.testing.assert_array_equal(linen_y, nnx_y)
+        assert set(stats) == set(nnx_stats)
+        for key in stats:
+            np.testing.assert_array_equal(stats[key], nnx_stats[key][...])
+    evaluate = linen_model.clone(use_running_average=True).apply
+    linen_eval = jax.jit(evaluate)(variables, x)
+    nnx_eval, _ = nnx_apply(nnx_model, x, use_running_average=True)
+    np.testing.assert_array_equal(linen_eval, nnx_eval)
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with flax.nnx where flax is right, accuracy where it is not
+
+
+@pytest.mark.parametrize("use_fast_variance", [True, False])
+def test_float32_matches_flax_nnx(use_fast_variance):
+    x = normal(3, (16, 6), loc=1.0, scale=3.0)
+    out = []
+    for cls in (nnx.BatchNorm, jaxstab.nnx.BatchNorm):
+        model = cls(6, momentum=0.9, use_fast_variance=use_fast_variance, rngs=nnx.Rngs(0))
+        y, stats = nnx_apply(model, x)
+        model.eval()
+        y_eval, _ = nnx_apply(model, x)
+        out.append((y, stats["mean"][...], stats["var"][...], y_eval))
+    for ours, theirs in zip(*out, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_eval_is_accurate():
+    """The issue's case: mean 256.7, std 0.5, dtype=bfloat16. flax.nnx: error of several units."""
+    x = normal(4, (256, 4), loc=256.7, scale=0.5)
+    x64 = np.asarray(x, np.float64)
+    ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    errors = {}
+    for cls in (nnx.BatchNorm, jaxstab.nnx.BatchNorm):
+        model = cls(4, momentum=0.0, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        nnx_apply(model, x)  # one training step: running stats = batch stats
+        y, _ = nnx_apply(model, x, use_running_average=True)
+        assert y.dtype == jnp.bfloat16 and model.mean[...].dtype == jnp.float32
+        errors[cls] = np.max(np.abs(np.asarray(y, np.float64) - ref))
+    assert errors[jaxstab.nnx.BatchNorm] < 0.05
+    assert errors[nnx.BatchNorm] > 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# The module itself
+
+
+def test_variables_train_eval_and_view():
+    model = jaxstab.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    state = nnx.state(model)
+    assert set(state) == {"mean", "var", "scale", "bias"}
+    assert isinstance(model.mean, nnx.BatchStat) and isinstance(model.scale, nnx.Param)
+    x = normal(5, (8, 3), loc=2.0)
+    y, stats = nnx_apply(model, x)
+    np.testing.assert_allclose(stats["mean"][...], 0.01 * x.mean(0), rtol=1e-5)
+    model.eval()
+    assert model.use_running_average is True
+    y_eval, same = nnx_apply(model, x)
+    np.testing.assert_array_equal(same["mean"][...], stats["mean"][...])
+    assert not np.allclose(y, y_eval)
+    trained = nnx.view(model, use_running_average=False)
+    assert trained.use_running_average is False and model.use_running_average is True
+    model.train()
+    assert model.use_running_average is False
+
+
+def test_no_scale_no_bias_and_tuple_features():
+    model = jaxstab.nnx.BatchNorm(
+        (3, 2), axis=(1, -1), use_scale=False, use_bias=False, rngs=nnx.Rngs(0)
+    )
+    assert model.scale is None and model.bias is None and model.mean[...].shape == (3, 2)
+    x = normal(6, (4, 3, 5, 2))
+    y, _ = nnx_apply(model, x)
+    x64 = np.asarray(x, np.float64)
+    mean, var = x64.mean((0, 2), keepdims=True), x64.var((0, 2), keepdims=True)
+    np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-5), atol=1e-5)
+
+
+def test_gradients_through_nnx_training_step():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.bn = jaxstab.nnx.BatchNorm(4, renorm=True, r_max=2.0, d_max=1.0, rngs=rngs)
+
+        def __call__(self, x):
+            return jnp.sum(jnp.tanh(self.bn(x)) * jnp.arange(4.0))
+
+    model = Net(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x):
+        loss, grads = nnx.value_and_grad(lambda m: m(x))(model)
+        optimizer.update(model, grads)
+        return loss, grads
+
+    _, grads = step(model, optimizer, normal(7, (8, 4), loc=10.0))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["bn"]["scale"][...]).sum()) > 0
+    assert model.bn.mean[...][0] != 0  # the running statistics moved
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="momentum must be in"):
+        jaxstab.nnx.BatchNorm(3, momentum=-1.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="d_max must be in"):
+        jaxstab.nnx.BatchNorm(3, renorm=True, d_max=-1.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_features must give one size per feature axis"):
+        jaxstab.nnx.BatchNorm(3, axis=(1, 2), rngs=nnx.Rngs(0))
+    model = jaxstab.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"x.shape = \(4, 5\) with axis = -1 has features"):
+        jax.eval_shape(lambda x: model(x), jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match="more than one element per feature"):
+        jax.eval_shape(lambda x: model(x), jnp.ones((1, 3)))
+    undecided = jaxstab.nnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="needs use_running_average"):
+        undecided(jnp.ones((4, 3)))
+
+
+def test_linen_checkpoint_loads_into_nnx():
+    """Both modules name their variables as flax does: a linen checkpoint maps one to one."""
+    x = normal(8, (6, 4), loc=1.0)
+    linen_model = jaxstab.linen.BatchNorm(use_running_average=True)
+    variables = {
+        "params": {"scale": jnp.arange(1.0, 5.0), "bias": jnp.ones(4)},
+        "batch_stats": {"mean": jnp.full(4, 0.5), "var": jnp.full(4, 2.0)},
+    }
+    model = jaxstab.nnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0))
+    for collection in variables.values():
+        for name, value in collection.items():
+            getattr(model, name)[...] = value
+    np.testing.assert_array_equal(linen_model.apply(variables, x), model(x))
