@@ -1,0 +1,473 @@
+"""zscore_clip (ZClip), quantile_clip (AutoClip) and adagc (AdaGC)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import chex
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxstab
+from jaxstab.adaptive import adagc, quantile_clip, zscore_clip
+
+
+def norm_tree(g):
+    """A two-leaf gradient tree whose global norm is ``g`` (NaN/Inf propagate)."""
+    return {"a": jnp.stack([0.6 * g, 0.0]), "b": jnp.reshape(0.8 * g, (1,))}
+
+
+def run(tx, norms):
+    """Runs ``tx`` over a sequence of norms under ``lax.scan``: (final state, per-step states,
+    per-step updates)."""
+    norms = jnp.asarray(norms, jnp.float32)
+
+    def body(state, g):
+        updates, state = tx.update(norm_tree(g), state)
+        return state, (state, updates)
+
+    final, (states, updates) = jax.lax.scan(body, tx.init(norm_tree(0.0)), norms)
+    return final, states, updates
+
+
+run_jitted = jax.jit(run, static_argnums=0)
+
+
+def spiky_norms(n, seed, spikes=(40, 41, 90)):
+    rng = np.random.default_rng(seed)
+    norms = rng.lognormal(0.0, 0.2, n).astype(np.float32)
+    for i in spikes:
+        if i < n:
+            norms[i] *= 30.0
+    return norms
+
+
+# --------------------------------------------------------------------------------------------
+# ZClip against a NumPy transcription of the algorithm
+
+
+def zclip_reference(norms, z_threshold, decay, warmup_steps, mode, max_norm, eps):
+    """ZClip in float64, one step at a time, as specified; returns the scale of each step."""
+    buffer, mu, var, scales = [], None, None, []
+    for g in map(float, norms):
+        if not math.isfinite(g):
+            scales.append(0.0)
+            continue
+        v = g
+        if mu is None:
+            buffer.append(g)
+        else:
+            sd = math.sqrt(var)
+            z = (g - mu) / (sd + eps)
+            if z > z_threshold:
+                v = {
+                    "reciprocal": mu + z_threshold**2 * sd / z,
+                    "threshold": mu + z_threshold * sd,
+                    "mean": mu,
+                }[mode]
+        target = v if max_norm is None else min(v, max_norm)
+        scales.append(target / g if g > target else 1.0)
+        if mu is None:
+            if len(buffer) >= max(warmup_steps, 1):
+                mu, var = float(np.mean(buffer)), float(np.var(buffer))
+        else:
+            mu = decay * mu + (1 - decay) * v
+            var = decay * var + (1 - decay) * (v - mu) ** 2
+    return np.array(scales)
+
+
+@pytest.mark.parametrize("mode", ["reciprocal", "threshold", "mean"])
+@pytest.mark.parametrize(
+    ("warmup_steps", "max_norm", "seed"), [(25, None, 0), (5, 2.0, 1), (0, None, 2), (1, 1.5, 3)]
+)
+def test_zscore_clip_matches_numpy_reference(mode, warmup_steps, max_norm, seed):
+    tx = zscore_clip(2.5, 0.97, warmup_steps, mode=mode, max_norm=max_norm)
+    _, states, _ = run_jitted(tx, spiky_norms(120, seed))
+    expected = zclip_reference(
+        np.asarray(states.grad_norm), 2.5, 0.97, warmup_steps, mode, max_norm, 1e-6
+    )
+    np.testing.assert_allclose(states.scale, expected, rtol=2e-4)
+    assert bool(states.clipped[40])  # the spikes are clipped...
+    assert not bool(states.clipped[60])  # ...and healthy steps after them are not
+
+
+def test_zscore_clip_leaves_warmup_unclipped_and_reports_threshold():
+    tx = zscore_clip(warmup_steps=10)
+    _, states, _ = run_jitted(tx, spiky_norms(30, 0, spikes=(5, 20)))
+    assert not np.any(states.clipped[:10]) and np.all(np.isinf(states.threshold[:10]))
+    assert bool(states.clipped[20]) and np.all(np.isfinite(states.threshold[10:]))
+    assert np.all(np.asarray(states.scale)[10:][~np.asarray(states.clipped[10:])] == 1.0)
+
+
+@pytest.mark.parametrize("name", ["zscore_clip", "quantile_clip", "adagc"])
+def test_non_finite_steps_yield_zeros_and_leave_every_later_factor_unchanged(name):
+    tx = {"zscore_clip": zscore_clip, "quantile_clip": quantile_clip, "adagc": adagc}[name](
+        warmup_steps=10
+    )
+    norms = spiky_norms(100, 4)
+    # in warm-up, after it, twice in a row, right after a spike
+    dirty_at, bad = [3, 30, 31, 80], [np.nan, np.inf, -np.inf, np.nan]
+    dirty = np.insert(norms, dirty_at, bad)
+    hit = np.isin(np.arange(len(dirty)), np.array(dirty_at) + np.arange(len(dirty_at)))
+    clean_final, _, clean_updates = run_jitted(tx, norms)
+    final, _, updates = run_jitted(tx, dirty)
+    for leaf, clean in zip(jax.tree.leaves(updates), jax.tree.leaves(clean_updates), strict=True):
+        assert np.all(np.asarray(leaf)[hit] == 0.0)
+        np.testing.assert_array_equal(np.asarray(leaf)[~hit], clean)
+    jax.tree.map(np.testing.assert_array_equal, final, clean_final)
+
+
+def test_zscore_clip_keeps_statistics_in_float32_and_needs_no_host_sync():
+    final, _, _ = run_jitted(zscore_clip(warmup_steps=3), spiky_norms(20, 0))
+    assert final.stats.mean.dtype == final.stats.var.dtype == jnp.float32
+    assert final.stats.count.dtype == jnp.int32 and int(final.stats.count) == 20
+
+
+# --------------------------------------------------------------------------------------------
+# AutoClip
+
+
+def test_quantile_clip_clips_the_right_share_of_lognormal_norms():
+    norms = np.random.default_rng(0).lognormal(0.0, 1.0, 3000).astype(np.float32)
+    _, states, _ = run_jitted(quantile_clip(0.9), norms)
+    share = float(np.mean(states.clipped[1000:]))
+    assert abs(share - 0.1) < 0.02
+    clipped = np.asarray(states.clipped)
+    np.testing.assert_allclose(
+        (np.asarray(states.grad_norm) * np.asarray(states.scale))[clipped],
+        np.asarray(states.threshold)[clipped],
+        rtol=1e-5,
+    )
+
+
+def test_quantile_clip_state_does_not_grow_with_steps_or_params():
+    def size(state):
+        return sum(x.size for x in jax.tree.leaves(state))
+
+    small, big = {"w": jnp.ones(3)}, {f"w{i}": jnp.ones((64, 64)) for i in range(5)}
+    tx = quantile_clip(0.5)
+    s0 = tx.init(small)
+    assert size(tx.init(big)) == size(s0) <= 24
+    for _ in range(3):
+        _, s0 = jax.jit(tx.update)(small, s0)
+    final, _, _ = run_jitted(tx, np.ones(200))
+    assert size(final) == size(s0)
+
+
+def test_quantile_clip_warmup():
+    _, states, _ = run_jitted(
+        quantile_clip(0.5, warmup_steps=4), [1.0, 2.0, 3.0, 100.0, 100.0, 1.0]
+    )
+    assert not np.any(states.clipped[:4]) and bool(states.clipped[4])
+
+
+# --------------------------------------------------------------------------------------------
+# AdaGC
+
+
+def adagc_reference(leaf_norms, relative, decay, warmup_steps, warmup_max_norm):
+    """AdaGC in float64 on per-tensor norm sequences, as documented; per-step per-tensor scales."""
+    ema = np.full(leaf_norms.shape[1], np.inf)
+    count, out = 0, []
+    for norms in leaf_norms.astype(np.float64):
+        g = np.sqrt(np.sum(norms**2))
+        if not np.isfinite(g):
+            out.append(np.zeros_like(norms))
+            continue
+        if count < warmup_steps:
+            h = np.full_like(norms, min(1.0, warmup_max_norm / g) if g > 0 else 1.0)
+        else:
+            limit = relative * ema
+            h = np.where(norms > limit, limit / np.where(norms > 0, norms, 1), 1.0)
+        v = norms * h
+        warm = (count < warmup_steps) | np.isinf(ema)
+        new = np.where(warm, np.minimum(ema, v), decay * ema + (1 - decay) * v)
+        ema = np.where(norms > 0, new, ema)
+        count += 1
+        out.append(h)
+    return np.array(out)
+
+
+def test_adagc_matches_numpy_reference_and_isolates_spiking_tensors():
+    rng = np.random.default_rng(0)
+    norms = rng.lognormal(0.0, 0.02, (150, 3)).astype(np.float32)
+    norms[120, 1] *= 50  # a spike in one tensor
+    norms[:20, 2] = 0.0  # a tensor without gradient during warm-up (zero-initialised branch)
+    norms[130, 2] = 0.0  # ... and once later (an unrouted expert)
+    tx = adagc(relative=1.05, decay=0.98, warmup_steps=10, warmup_max_norm=1.5)
+
+    def body(state, n):
+        grads = {"t0": n[0:1], "t1": n[1:2] * jnp.ones((2, 2)) / 2, "t2": n[2:3]}
+        updates, state = tx.update(grads, state)
+        scales = jnp.stack(
+            [
+                updates["t0"][0] / jnp.where(n[0] > 0, n[0], 1.0),
+                jnp.linalg.norm(updates["t1"]) / jnp.where(n[1] > 0, n[1], 1.0),
+                updates["t2"][0] / jnp.where(n[2] > 0, n[2], 1.0),
+            ]
+        )
+        return state, scales
+
+    grads0 = {"t0": jnp.ones(1), "t1": jnp.ones((2, 2)), "t2": jnp.ones(1)}
+    _, scales = jax.lax.scan(body, tx.init(grads0), jnp.asarray(norms))
+    expected = adagc_reference(norms, 1.05, 0.98, 10, 1.5)
+    nonzero = norms > 0
+    np.testing.assert_allclose(np.asarray(scales)[nonzero], expected[nonzero], rtol=1e-4)
+    assert scales[120, 1] < 0.05 and scales[120, 0] == 1.0 and scales[120, 2] == 1.0
+    late = np.asarray(scales)[20:, 2][nonzero[20:, 2]]
+    assert np.all(late > 0.5)  # the late starter was never frozen
+
+
+def test_adagc_warmup_is_a_global_clip():
+    tx = adagc(warmup_steps=3, warmup_max_norm=1.0)
+    grads = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+    updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+    np.testing.assert_allclose(updates["a"], [0.6]) and np.testing.assert_allclose(
+        updates["b"], [0.8]
+    )
+    np.testing.assert_allclose(state.ema, [0.6, 0.8])
+    assert float(state.grad_norm) == 5.0 and float(state.clip_fraction) == 1.0
+
+
+def test_adagc_under_masked_and_with_none_leaves():
+    params = {"a": jnp.ones(2), "b": jnp.ones(3), "c": None}
+    tx = optax.masked(adagc(warmup_steps=0), {"a": True, "b": False, "c": False})
+    state, update = tx.init(params), jax.jit(tx.update)
+    for g in (1.0, 1.0, 50.0):
+        updates, state = update(jax.tree.map(lambda p, g=g: g * p, params), state)
+    assert float(updates["a"][0]) < 2.0 and float(updates["b"][0]) == 50.0 and updates["c"] is None
+
+
+def test_adagc_rejects_a_different_tree():
+    tx = adagc()
+    state = tx.init({"a": jnp.ones(2)})
+    with pytest.raises(ValueError, match="initialised for 1 float tensors"):
+        tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state)
+
+
+# --------------------------------------------------------------------------------------------
+# Contracts shared by the three transforms
+
+FACTORIES = {
+    "zscore_clip": lambda: zscore_clip(warmup_steps=3),
+    "quantile_clip": lambda: quantile_clip(0.5, warmup_steps=3),
+    "adagc": lambda: adagc(warmup_steps=3),
+}
+PARAMS = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.array([0.5, -0.5])}
+
+
+def grads_at(step):
+    scale = 1.0 + 0.1 * jnp.sin(step) + 20.0 * (step == 4) + 20.0 * (step == 7)
+    return jax.tree.map(lambda p: scale * (p + 0.1), PARAMS)
+
+
+class ContractsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*[(k, k) for k in FACTORIES])
+    def test_jit_and_no_jit_agree(self, name):
+        tx = FACTORIES[name]()
+        update = self.variant(tx.update)
+        state = tx.init(PARAMS)
+        outs = []
+        for step in range(5):
+            updates, state = update(grads_at(step), state, PARAMS)
+            outs.append(updates)
+        reference_state = tx.init(PARAMS)
+        for step in range(5):
+            expected, reference_state = jax.jit(tx.update)(grads_at(step), reference_state, PARAMS)
+            chex.assert_trees_all_close(outs[step], expected, rtol=1e-6)
+
+    @parameterized.named_parameters(*[(k, k) for k in FACTORIES])
+    def test_no_retracing(self, name):
+        tx = optax.chain(FACTORIES[name](), optax.adam(1e-2))
+
+        @jax.jit
+        @chex.assert_max_traces(n=1)
+        def step(params, state, grads):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        params, state = PARAMS, tx.init(PARAMS)
+        for i in range(5):
+            params, state = step(params, state, grads_at(i))
+        chex.clear_trace_counter()
+
+
+@functools.cache
+def jitted_step(tx):
+    def step(params, state, i):
+        updates, state = tx.update(grads_at(i), state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+def train(tx, steps, params=PARAMS, state=None):
+    state = tx.init(params) if state is None else state
+    for i in steps:
+        params, state = jitted_step(tx)(params, state, i)
+    return params, state
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_checkpoint_round_trip_mid_run(name):
+    tx = optax.chain(FACTORIES[name](), optax.adam(1e-2))
+    full_params, full_state = train(tx, range(12))
+    params, state = train(tx, range(6))
+    blob = flax.serialization.to_bytes((params, state))
+    template = (PARAMS, tx.init(PARAMS))
+    params, state = flax.serialization.from_bytes(template, blob)
+    params, state = train(tx, range(6, 12), params, state)
+    chex.assert_trees_all_equal((params, state), (full_params, full_state))
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_multisteps(name):
+    tx = optax.MultiSteps(optax.chain(FACTORIES[name](), optax.sgd(0.1)), every_k_schedule=2)
+    params, state = train(tx, range(10))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+    assert int(state.gradient_step) == 5
+
+
+@pytest.mark.parametrize(
+    ("factory", "hyperparams"),
+    [
+        (zscore_clip, {"z_threshold": 2.0, "decay": 0.9, "warmup_steps": 3, "eps": 1e-6}),
+        (quantile_clip, {"quantile": 0.5, "warmup_steps": 3}),
+        (adagc, {"relative": 1.05, "decay": 0.98, "warmup_steps": 3, "warmup_max_norm": 1.0}),
+    ],
+)
+def test_inject_hyperparams_matches_plain(factory, hyperparams):
+    injected = optax.inject_hyperparams(factory)(**hyperparams)
+    plain = factory(**hyperparams)
+    p1, s1 = train(optax.chain(injected, optax.sgd(0.1)), range(10))
+    p2, _ = train(optax.chain(plain, optax.sgd(0.1)), range(10))
+    chex.assert_trees_all_close(p1, p2, rtol=1e-6)
+    name = next(iter(k for k in hyperparams if k != "warmup_steps"))
+    s1[0].hyperparams[name] = jnp.asarray(0.3)  # a float hyperparameter changed mid-run
+    train(optax.chain(injected, optax.sgd(0.1)), range(10, 12), p1, s1)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_telemetry_through_a_chain(name):
+    tx = optax.chain(FACTORIES[name](), optax.adam(1e-2))
+    _, state = train(tx, range(8))
+    tele = jaxstab.telemetry(state)
+    assert tele and all(k.startswith(f"0/{name}/") for k in tele)
+    assert float(tele[f"0/{name}/grad_norm"]) > 0
+    expected = {"zscore_clip": 4, "quantile_clip": 4, "adagc": 2}[name]
+    assert len(tele) == expected
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_gradients_keep_their_dtype(name, dtype):
+    tx = FACTORIES[name]()
+    params = jax.tree.map(lambda p: p.astype(dtype), PARAMS)
+    state = tx.init(params)
+    for step in range(9):
+        grads = jax.tree.map(
+            lambda g: (300.0 * g).astype(dtype), grads_at(step)
+        )  # squares overflow
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        for u in jax.tree.leaves(updates):
+            assert u.dtype == dtype and bool(jnp.all(jnp.isfinite(u)))
+    expected = np.sqrt(
+        sum(np.sum(np.square(np.asarray(g, np.float64))) for g in jax.tree.leaves(grads))
+    )
+    np.testing.assert_allclose(state.grad_norm, expected, rtol=1e-5)
+
+
+PROPERTY_TXS = (
+    zscore_clip(warmup_steps=2),
+    quantile_clip(0.5, warmup_steps=2),
+    adagc(warmup_steps=2),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(0.0, 2.0**100, width=32) | st.just(np.nan), min_size=1, max_size=10))
+def test_property_clipped_updates_never_grow_and_stay_finite(norms):
+    norms = np.pad(np.asarray(norms, np.float32), (0, 10 - len(norms)), constant_values=1.0)
+    for tx in PROPERTY_TXS:
+        _, _, updates = run_jitted(tx, norms)
+        a, b = (np.asarray(updates[k][:, 0], np.float64) for k in "ab")
+        got = np.sqrt(a**2 + b**2)
+        assert np.all(np.isfinite(got))
+        assert np.all(got <= np.where(np.isfinite(norms), norms, 0.0) * (1 + 1e-5) + 1e-30)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: zscore_clip(z_threshold=0.0), "z_threshold"),
+        (lambda: zscore_clip(decay=1.0), "decay"),
+        (lambda: zscore_clip(decay=-0.1), "decay"),
+        (lambda: zscore_clip(warmup_steps=-1), "warmup_steps"),
+        (lambda: zscore_clip(max_norm=-1.0), "max_norm"),
+        (lambda: zscore_clip(eps=-1.0), "eps"),
+        (lambda: zscore_clip(mode="median"), "mode"),
+        (lambda: quantile_clip(0.0), "quantile"),
+        (lambda: quantile_clip(1.0), "quantile"),
+        (lambda: quantile_clip(warmup_steps=-2), "warmup_steps"),
+        (lambda: adagc(relative=0.0), "relative"),
+        (lambda: adagc(decay=1.5), "decay"),
+        (lambda: adagc(warmup_steps=-1), "warmup_steps"),
+        (lambda: adagc(warmup_max_norm=-1.0), "warmup_max_norm"),
+    ],
+)
+def test_bad_hyperparameters_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# --------------------------------------------------------------------------------------------
+# shard_map: axis_name makes norms global
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_axis_name_under_shard_map_matches_unsharded(name):
+    from jax.sharding import Mesh, PartitionSpec
+
+    n = jax.device_count()
+    if n < 2:
+        pytest.skip("needs several devices")
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+    factory = {
+        "zscore_clip": lambda **k: zscore_clip(warmup_steps=3, **k),
+        "quantile_clip": lambda **k: quantile_clip(0.5, warmup_steps=3, **k),
+        "adagc": lambda **k: adagc(warmup_steps=3, **k),
+    }[name]
+    rng = np.random.default_rng(0)
+    seq = [
+        {"w": jnp.asarray(rng.normal(size=(4 * n,)) * (1 + 30 * (i == 5)), jnp.float32)}
+        for i in range(8)
+    ]
+    tx, sharded_tx = factory(), factory(axis_name="d")
+    state, sharded_state = tx.init(seq[0]), sharded_tx.init(seq[0])
+    spec = PartitionSpec("d")
+    sharded_update = jax.jit(
+        jax.shard_map(
+            sharded_tx.update,
+            mesh=mesh,
+            in_specs=({"w": spec}, PartitionSpec()),
+            out_specs=({"w": spec}, PartitionSpec()),
+        )
+    )
+    for grads in seq:
+        expected, state = tx.update(grads, state)
+        got, sharded_state = sharded_update(grads, sharded_state)
+        chex.assert_trees_all_close(got, expected, rtol=1e-5)
