@@ -1,0 +1,131 @@
+"""Batch norm across 8 simulated CPU devices: shard_map, pmap groups, jit over sharded input.
+
+Run by ``make test`` in its own process with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxstab.linen
+from jaxstab import nn as core
+
+pytestmark = [
+    pytest.mark.multidevice,
+    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (see the Makefile)"),
+]
+
+N_DEV, PER_DEV, FEATURES = 8, 4, 3
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1e3, 2.0, (N_DEV * PER_DEV, FEATURES)).astype(np.float32)
+    # Unequal valid counts per device: device d keeps its first d % 4 + 1 examples.
+    valid = np.arange(PER_DEV)[None, :] <= (np.arange(N_DEV) % 4)[:, None]
+    mask = valid.reshape(-1, 1)
+    return x, mask
+
+
+def np_stats(x, mask):
+    x64 = np.asarray(x, np.float64)[np.broadcast_to(mask, x.shape)[:, 0]]
+    return x64.mean(0), x64.var(0)
+
+
+def sharded(mesh, *arrays):
+    return [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in arrays]
+
+
+def test_shard_map_pools_masked_statistics_exactly():
+    mesh = jax.make_mesh((N_DEV,), ("d",))
+    x, mask = data()
+    ref_mean, ref_var = np_stats(x, mask)
+    variables = {
+        "params": {"scale": jnp.ones(FEATURES), "bias": jnp.zeros(FEATURES)},
+        "batch_stats": {"mean": jnp.zeros(FEATURES), "var": jnp.ones(FEATURES)},
+    }
+    results = {}
+    for cls in (jaxstab.linen.BatchNorm, fnn.BatchNorm):
+        model = cls(momentum=0.0, use_running_average=False, axis_name="d")
+
+        def step(x, mask, model=model):
+            y, upd = model.apply(variables, x, mask=mask, mutable=["batch_stats"])
+            return y, upd["batch_stats"]
+
+        run = jax.jit(
+            jax.shard_map(step, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=(P("d"), P()))
+        )
+        results[cls] = run(*sharded(mesh, x, mask))
+    y, stats = results[jaxstab.linen.BatchNorm]
+    np.testing.assert_allclose(stats["mean"], ref_mean, rtol=1e-7)
+    np.testing.assert_allclose(stats["var"], ref_var, rtol=1e-4)
+    valid = np.broadcast_to(mask, x.shape)
+    np.testing.assert_allclose(np.asarray(y)[valid].reshape(-1, FEATURES).std(0), 1.0, rtol=1e-3)
+    flax_stats = results[fnn.BatchNorm][1]  # a mean of per-device means: biased
+    assert np.max(np.abs(np.asarray(flax_stats["var"]) / ref_var - 1)) > 0.05
+
+
+def test_shard_map_gradients_equal_global_computation():
+    mesh = jax.make_mesh((N_DEV,), ("d",))
+    x, mask = data()
+    stats = core.BatchStats(jnp.zeros(FEATURES), jnp.ones(FEATURES))
+    w = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+
+    def loss(x, mask, w, axis_name):
+        y, _ = core.batch_norm(x, stats, mask=mask, axis_name=axis_name)
+        total = jnp.sum(jnp.where(mask, jnp.tanh(y) * w, 0))
+        return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+    grad_local = jax.grad(lambda x, m, w: loss(x, m, w, "d"))
+    run = jax.jit(
+        jax.shard_map(grad_local, mesh=mesh, in_specs=(P("d"), P("d"), P("d")), out_specs=P("d"))
+    )
+    g = run(*sharded(mesh, x, mask, w))
+    g_ref = jax.jit(jax.grad(lambda x: loss(x, mask, w, None)))(jnp.asarray(x))
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4)
+
+
+def test_pmap_axis_index_groups_pool_within_groups():
+    x, mask = data()
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    model = jaxstab.linen.BatchNorm(
+        momentum=0.0, use_running_average=False, axis_name="d", axis_index_groups=groups
+    )
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(jnp.asarray(x[:PER_DEV]))
+
+    def step(x, mask):
+        return model.apply(variables, x, mask=mask, mutable=["batch_stats"])[1]["batch_stats"]
+
+    per_device = jax.pmap(step, axis_name="d")(
+        x.reshape(N_DEV, PER_DEV, FEATURES), mask.reshape(N_DEV, PER_DEV, 1)
+    )
+    half = N_DEV * PER_DEV // 2
+    for g, sl in enumerate((slice(0, half), slice(half, None))):
+        ref_mean, ref_var = np_stats(x[sl], mask[sl])
+        for d in groups[g]:
+            np.testing.assert_allclose(per_device["mean"][d], ref_mean, rtol=1e-7)
+            np.testing.assert_allclose(per_device["var"][d], ref_var, rtol=1e-4)
+
+
+def test_jit_over_batch_sharded_input_gives_global_statistics():
+    """No axis_name under plain jit: XLA's reductions over a sharded batch are global."""
+    mesh = jax.make_mesh((N_DEV,), ("d",))
+    x, mask = data()
+    model = jaxstab.linen.BatchNorm(momentum=0.0, use_running_average=False)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(jnp.asarray(x))
+    step = jax.jit(lambda v, x, m: model.apply(v, x, mask=m, mutable=["batch_stats"]))
+    y, upd = step(variables, *sharded(mesh, x, mask))
+    assert len(y.sharding.device_set) == N_DEV  # the output stays sharded
+    ref_mean, ref_var = np_stats(x, mask)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], ref_mean, rtol=1e-7)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], ref_var, rtol=1e-4)
+    y_single, _ = step(variables, jnp.asarray(x), jnp.asarray(mask))
+    np.testing.assert_allclose(y, y_single, rtol=1e-5, atol=1e-5)
