@@ -182,18 +182,19 @@ class PooledTest(chex.TestCase):
             np.testing.assert_allclose(stats.var[:, 0, 0], [16.0, 16.0], err_msg=variance)
             np.testing.assert_array_equal(stats.count[:, 0, 0], [5.0, 5.0])
 
-    @parameterized.parameters(*core.VARIANCES)
-    def test_vmap_pooled_equals_global(self, variance):
+    @parameterized.parameters(*core.VARIANCES, ("shifted", False))
+    def test_vmap_pooled_equals_global(self, variance, masked=True):
         offset = 0.0 if variance == "fast" else 1e3  # "fast" cancels at large mean/std
         x = normal(7, (4, 6, 3), loc=offset)  # 4 devices x 6 examples x 3 features
-        mask = np.random.default_rng(7).random((4, 6, 1)) < 0.5
-        mask[0, 0] = True
+        mask = np.random.default_rng(7).random((4, 6, 1)) < (0.5 if masked else 2.0)
+        mask[0, 0] = True  # unmasked, the shift is the mean of the devices' first samples
         pooled = jax.jit(
             jax.vmap(
                 lambda x, m: core.moments(x, 0, mask=m, axis_name="d", variance=variance),
                 axis_name="d",
+                in_axes=(0, 0 if masked else None),
             )
-        )(x, mask)
+        )(x, mask if masked else None)
         ref_mean, ref_var, ref_n = np_moments(x.reshape(24, 3), 0, mask.reshape(24, 1))
         for d in range(4):
             np.testing.assert_allclose(pooled.mean[d], ref_mean, rtol=1e-6)
