@@ -1,15 +1,16 @@
 """jaxstab.linen.BatchNorm against flax.linen.BatchNorm: training step and inference, jitted.
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/bench_batchnorm.py [--quick]``. Prints a markdown
-table of median times (after warm-up, variants interleaved round by round to share the machine's
-noise) and the ratio to flax's default (fast, one-pass variance). ``flax two-pass`` is flax with
-``use_fast_variance=False``: the fair comparison for accuracy, since flax's default variance
-cancels at large mean/std and ours does not.
+table of median times (after warm-up; variants interleaved round by round, in a shuffled order,
+so that they share the machine's noise) and the ratio to flax's default (fast, one-pass
+variance). ``flax two-pass`` is flax with ``use_fast_variance=False``: the fair comparison for
+accuracy, since flax's default variance cancels at large mean/std and ours does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -57,9 +58,13 @@ def main() -> None:
         "flax (default, fast variance)": fnn.BatchNorm(),
         "flax two-pass (use_fast_variance=False)": fnn.BatchNorm(use_fast_variance=False),
         "jaxstab (default, shifted one-pass)": jaxstab.linen.BatchNorm(),
+        "jaxstab two-pass (use_fast_variance=False)": jaxstab.linen.BatchNorm(
+            use_fast_variance=False
+        ),
     }
-    variables = {k: m.init(jax.random.key(1), x, use_running_average=False) for k, m in
-                 modules.items()}
+    variables = {
+        k: m.init(jax.random.key(1), x, use_running_average=False) for k, m in modules.items()
+    }
     cases = {}
     for name, m in modules.items():
         v = variables[name]
@@ -67,8 +72,12 @@ def main() -> None:
         cases[("eval: fwd", name)] = (_eval_fn(m), (v, x))
 
     times: dict = {key: [] for key in cases}
+    order = list(cases)
+    shuffle = random.Random(0).shuffle
     for i in range(warmup + rounds):
-        for key, (fn, fargs) in cases.items():
+        shuffle(order)  # no variant always runs right after the same other one
+        for key in order:
+            fn, fargs = cases[key]
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*fargs))
             if i >= warmup:
