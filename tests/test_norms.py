@@ -1,0 +1,152 @@
+"""global_norm, unit_norms, clip_factor, scale_leaf against NumPy float64 references."""
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxstab
+from jaxstab import _norms
+
+
+def np_norm(leaves):
+    return np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in leaves))
+
+
+class GlobalNormTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_numpy_on_mixed_dtypes(self):
+        rng = np.random.default_rng(0)
+        tree = {
+            "a": jnp.asarray(rng.normal(size=(7, 3)), jnp.float32),
+            "b": [jnp.asarray(rng.normal(size=5), jnp.float16), None],
+            "c": jnp.asarray(rng.normal(size=(2, 2)), jnp.bfloat16),
+            "step": jnp.array(3, jnp.int32),
+        }
+        got = self.variant(jaxstab.global_norm)(tree)
+        want = np_norm([tree["a"], tree["b"][0], tree["c"].astype(jnp.float32)])
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_overflowing_sums_of_squares(self):
+        fn = self.variant(jaxstab.global_norm)
+        fp16 = {"a": jnp.full((10, 10), 300.0, jnp.float16)}
+        np.testing.assert_allclose(fn(fp16), 3000.0, rtol=1e-6)
+        assert not np.isfinite(optax.tree.norm(fp16).astype(jnp.float16))
+        fp32 = [jnp.full((3,), 1e20), jnp.full((4,), -1e20)]
+        np.testing.assert_allclose(fn(fp32), np.sqrt(7) * 1e20, rtol=1e-6)
+        assert np.isinf(optax.tree.norm(fp32))
+        largest = [jnp.array([3e38, 1.0])]
+        np.testing.assert_allclose(fn(largest), 3e38, rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_underflowing_sums_of_squares(self):
+        fn = self.variant(jaxstab.global_norm)
+        np.testing.assert_allclose(fn([jnp.full((9,), 1e-25)]), 3e-25, rtol=1e-6)
+        assert fn([jnp.zeros((3, 3))]) == 0.0
+        assert fn({}) == 0.0
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_non_finite(self):
+        fn = self.variant(jaxstab.global_norm)
+        assert np.isnan(fn([jnp.array([1.0, jnp.nan]), jnp.array([jnp.inf])]))
+        assert np.isposinf(fn([jnp.array([1.0, -jnp.inf])]))
+        assert np.isposinf(fn([jnp.array([1e30, jnp.inf])]))
+
+    def test_masked_nodes_are_ignored(self):
+        tree = {"a": jnp.array([3.0, 4.0]), "b": optax.MaskedNode()}
+        assert jaxstab.global_norm(tree) == 5.0
+
+    def test_common_case_is_one_pass(self):
+        """The rescue branch sits in a conditional: the main path reduces each leaf once."""
+        tree = [jnp.ones((64, 64)) for _ in range(3)]
+        hlo = jax.jit(jaxstab.global_norm).lower(tree).compile().as_text()
+        assert "conditional" in hlo
+
+    def test_many_small_leaves_are_grouped_in_the_rescue(self):
+        leaves = [jnp.full((5,), 1e20) for _ in range(40)]
+        np.testing.assert_allclose(jaxstab.global_norm(leaves), np.sqrt(200) * 1e20, rtol=1e-6)
+        jaxpr = str(jax.make_jaxpr(jaxstab.global_norm)(leaves))
+        assert jaxpr.count("concatenate") == 1
+
+    @settings(max_examples=30, deadline=None)
+    @given(
+        hnp.arrays(
+            np.float32,
+            hnp.array_shapes(max_dims=3, max_side=5),
+            elements=st.floats(-1e6, 1e6, width=32),
+        ),
+        st.sampled_from([1e-30, 1.0, 1e15, 1e30]),
+    )
+    def test_property_matches_float64(self, x, factor):
+        x = (x.astype(np.float64) * factor).astype(np.float32)
+        got = float(jaxstab.global_norm([jnp.asarray(x)]))
+        want = np_norm([x])
+        if want > 1e-35:
+            np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+class UnitNormsTest(chex.TestCase):
+    def test_matches_numpy_per_unit(self):
+        rng = np.random.default_rng(1)
+        x = rng.normal(size=(3, 4, 5)).astype(np.float32)
+        (got,) = _norms.unit_norms([jnp.asarray(x)], [(0, 1)])
+        want = np.sqrt(np.sum(x.astype(np.float64) ** 2, axis=(0, 1), keepdims=True))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+    def test_rescues_only_units_that_need_it(self):
+        x = jnp.array([[1e20, 3.0], [1e20, 4.0]])
+        (got,) = _norms.unit_norms([x], [(0,)])
+        np.testing.assert_allclose(got, [[np.sqrt(2) * 1e20, 5.0]], rtol=1e-6)
+
+    def test_leaf_norms(self):
+        got = _norms.leaf_norms([jnp.array([3.0, 4.0]), jnp.full((2, 2), 1e20)])
+        np.testing.assert_allclose(got, [5.0, 2e20], rtol=1e-6)
+
+
+class ClipFactorTest(chex.TestCase):
+    def test_values(self):
+        f = _norms.clip_factor(jnp.array([0.5, 2.0, 0.0, jnp.nan, jnp.inf]), 1.0)
+        np.testing.assert_array_equal(f, [1.0, 0.5, 1.0, 0.0, 0.0])
+        assert _norms.clip_factor(jnp.array(0.0), 0.0) == 1.0
+
+    def test_scale_leaf_keeps_dtype_and_zeroes_non_finite(self):
+        x = jnp.array([1.0, jnp.nan, jnp.inf], jnp.float16)
+        out = _norms.scale_leaf(x, jnp.float32(0.0))
+        assert out.dtype == jnp.float16
+        np.testing.assert_array_equal(out, [0.0, 0.0, 0.0])
+        small = _norms.scale_leaf(jnp.full((2,), 300.0, jnp.float16), jnp.float32(1e-6))
+        np.testing.assert_allclose(small.astype(np.float32), 3e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("path", "shape", "axes"),
+    [
+        (("Dense_0", "kernel"), (16, 8), (0,)),
+        (("Dense_0", "bias"), (8,), (0,)),
+        (("Conv_0", "kernel"), (3, 3, 4, 8), (0, 1, 2)),
+        (("Conv_0", "kernel"), (5, 4, 8), (0, 1)),
+        (("attn", "query", "kernel"), (32, 4, 8), (0,)),
+        (("attn", "query", "bias"), (4, 8), (0, 1)),
+        (("attn", "out", "kernel"), (4, 8, 32), (0, 1)),
+        (("LayerNorm_0", "scale"), (32,), (0,)),
+        ((0,), (16, 8), (0,)),
+        ((0,), (2, 3, 4), (0,)),
+        ((0,), (1, 7), (0, 1)),
+        ((0,), (2, 3, 3, 4, 8), (0, 1, 2, 3)),
+    ],
+)
+def test_flax_unit_axes(path, shape, axes):
+    keys = tuple(jax.tree_util.DictKey(k) for k in path)
+    assert jaxstab.flax_unit_axes(keys, shape) == axes
+
+
+def test_flax_unit_axes_unknown_rank():
+    with pytest.raises(ValueError, match="axis= or unit_axes="):
+        jaxstab.flax_unit_axes((jax.tree_util.DictKey("w"),), (2, 2, 2, 2, 2, 2))
