@@ -162,7 +162,9 @@ class BatchNorm(nn.Module):
             virtual_batch_size=None if initializing else self.virtual_batch_size,
             unbiased_running_var=self.unbiased_running_var,
             dtype=self.dtype,
-            stats_dtype=None if self.force_float32_reductions else (self.dtype or x.dtype),
+            stats_dtype=None
+            if self.force_float32_reductions
+            else (x.dtype if self.dtype is None else self.dtype),
         )
         if not (use_running_average or initializing):
             mean.value, var.value = new.mean, new.var

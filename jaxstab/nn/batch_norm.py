@@ -218,6 +218,8 @@ def batch_norm(
     bias = None if bias is None else jnp.reshape(bias, bshape)
     running_mean, running_var = stats.mean.reshape(bshape), stats.var.reshape(bshape)
     out_dtype = output_dtype(x, scale, bias, dtype=dtype)
+    if stats_dtype is None:
+        stats_dtype = jnp.promote_types(x.dtype if dtype is None else dtype, jnp.float32)
 
     if use_running_average:
         y = _normalize(x, running_mean, running_var, scale, bias, epsilon)
@@ -243,9 +245,7 @@ def batch_norm(
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         variance=variance,
-        dtype=jnp.promote_types(dtype or x.dtype, jnp.float32)
-        if stats_dtype is None
-        else stats_dtype,
+        dtype=stats_dtype,
     )
     step = stats.step
     r = d = None
@@ -273,10 +273,9 @@ def batch_norm(
     )
     new_mean = momentum * stats.mean + (1 - momentum) * mean
     new_var = momentum * stats.var + (1 - momentum) * var
-    keep = ~has_data
     new_stats = BatchStats(
-        lax.stop_gradient(jnp.where(keep, stats.mean, new_mean)),
-        lax.stop_gradient(jnp.where(keep, stats.var, new_var)),
+        lax.stop_gradient(jnp.where(has_data, new_mean, stats.mean)),
+        lax.stop_gradient(jnp.where(has_data, new_var, stats.var)),
         step,
     )
     return y, new_stats

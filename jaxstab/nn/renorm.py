@@ -105,9 +105,7 @@ def renorm_schedules(
         raise ValueError(f"d_max must be >= 0, got {d_max!r}")
     for name, steps in (("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
         if not 0 <= warmup_steps <= steps:
-            raise ValueError(
-                f"{name} must be >= warmup_steps = {warmup_steps} >= 0, got {steps!r}"
-            )
+            raise ValueError(f"{name} must be >= warmup_steps = {warmup_steps} >= 0, got {steps!r}")
     return (
         optax.linear_schedule(1.0, r_max, max(r_max_steps - warmup_steps, 1), warmup_steps),
         optax.linear_schedule(0.0, d_max, max(d_max_steps - warmup_steps, 1), warmup_steps),
