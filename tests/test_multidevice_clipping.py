@@ -39,7 +39,8 @@ def test_global_norm_in_shard_map_is_global(mesh):
     def norm(g):
         return jaxstab.global_norm(g, axis_name="data")
 
-    np.testing.assert_allclose(norm(grads), jaxstab.global_norm(grads), rtol=1e-6)
+    sharded = jax.device_put(grads, NamedSharding(mesh, spec))
+    np.testing.assert_allclose(norm(sharded), jaxstab.global_norm(grads), rtol=1e-6)
 
 
 def test_clip_in_shard_map_matches_single_device(mesh):
@@ -55,7 +56,7 @@ def test_clip_in_shard_map_matches_single_device(mesh):
         out, state = tx.update(g, tx.init(g))
         return out, state.grad_norm
 
-    out, norm = clip(grads)
+    out, norm = clip(jax.device_put(grads, NamedSharding(mesh, spec)))
     want, _ = jaxstab.clip_by_global_norm(1.0).update(grads, None)
     chex.assert_trees_all_close(out, want, rtol=1e-5)
     np.testing.assert_allclose(norm, jaxstab.global_norm(grads), rtol=1e-6)
