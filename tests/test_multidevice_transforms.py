@@ -1,0 +1,130 @@
+"""Every transform on a sharded 8-device mesh and inside shard_map equals its 1-device result.
+
+Run by `make test` in its own process with XLA_FLAGS=--xla_force_host_platform_device_count=8.
+"""
+
+import functools
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxstab
+
+pytestmark = pytest.mark.multidevice
+
+TRANSFORMS = {
+    "clip_by_global_norm": lambda **kw: jaxstab.clip_by_global_norm(1.0, **kw),
+    "zscore_clip": lambda **kw: jaxstab.zscore_clip(warmup_steps=2, max_norm=50.0, **kw),
+    "quantile_clip": lambda **kw: jaxstab.quantile_clip(0.5, warmup_steps=2, **kw),
+    "adagc": lambda **kw: jaxstab.adagc(warmup_steps=2, **kw),
+    "normalize_by_global_norm": lambda **kw: jaxstab.normalize_by_global_norm(**kw),
+    "skip_anomalies": lambda **kw: jaxstab.skip_anomalies(
+        optax.adam(1e-2), warmup_steps=2, z_threshold=3.0, **kw
+    ),
+}
+NO_AXIS_NAME = {"adaptive_grad_clip"}  # unit norms reduce within a leaf: shard-local by design
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    return jax.make_mesh((8,), ("data",))
+
+
+def params_and_grad_steps(n_steps=5):
+    rng = np.random.default_rng(0)
+    params = {
+        "dense": {"kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)},
+        "out": {"kernel": jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)},
+    }
+    scales = [1.0, 1.2, 0.9, 40.0, 1.1][:n_steps]  # a spike at step 3
+    grads = [jax.tree.map(lambda p, s=s: p * s * 0.5, params) for s in scales]
+    return params, grads
+
+
+def run(tx, params, grad_steps, put=lambda t: t):
+    state = tx.init(put(params))
+    update = jax.jit(tx.update)
+    outs = []
+    for g in grad_steps:
+        u, state = update(put(g), state, put(params))
+        outs.append(u)
+    return outs, state
+
+
+@pytest.mark.parametrize("name", [*TRANSFORMS, "adaptive_grad_clip"])
+def test_sharded_jit_matches_single_device(mesh, name):
+    make = TRANSFORMS.get(name, lambda: jaxstab.adaptive_grad_clip(0.05))
+    tx = optax.chain(make(), optax.adam(1e-2))
+    params, grad_steps = params_and_grad_steps()
+    sharding = NamedSharding(mesh, P("data"))
+    want, _ = run(tx, params, grad_steps)
+    got, state = run(tx, params, grad_steps, put=lambda t: jax.device_put(t, sharding))
+    chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-7)
+    # Big state follows the params' sharding: nothing param-sized is replicated.
+    for leaf in jax.tree.leaves(state):
+        if leaf.ndim == 2:
+            assert leaf.sharding.is_equivalent_to(sharding, 2), (name, leaf.shape, leaf.sharding)
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_shard_map_with_axis_name_matches_single_device(mesh, name):
+    """Each device holds a shard of every leaf; axis_name makes norms and statistics global."""
+    params, grad_steps = params_and_grad_steps()
+    want, want_state = run(TRANSFORMS[name](), params, grad_steps)
+    tx = TRANSFORMS[name](axis_name="data")
+    spec = P("data")
+
+    @jax.jit
+    @functools.partial(
+        jax.shard_map, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, P()),
+        check_vma=False,
+    )
+    def steps(params, grads_stacked, _):
+        state = tx.init(params)
+        outs = []
+        for i in range(len(grad_steps)):
+            g = jax.tree.map(lambda x, i=i: x[:, i], grads_stacked)
+            u, state = tx.update(g, state, params)
+            outs.append(u)
+        return jax.tree.map(lambda *x: jnp.stack(x, axis=1), *outs), jaxstab.telemetry(state)
+
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *grad_steps)
+    stacked = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), stacked)  # shard axis first
+    put = lambda t: jax.device_put(t, NamedSharding(mesh, spec))
+    got, tel = steps(put(params), put(stacked), put(params))
+    got = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), got)
+    for i, w in enumerate(want):
+        chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], got), w, rtol=2e-5,
+                                    atol=1e-7)
+    for key, value in jaxstab.telemetry(want_state).items():
+        np.testing.assert_allclose(tel[key], value, rtol=2e-5, err_msg=key)
+
+
+def count_all_reduces(hlo_text: str) -> int:
+    """All-reduce instructions outside the rescue branch of the norm (a conditional)."""
+    return len(re.findall(r"\ball-reduce(?:-start)?\(", hlo_text))
+
+
+def test_one_scalar_all_reduce_per_norm_in_shard_map(mesh):
+    """The norm of a sharded 20-leaf tree: one psum of a scalar on the path every step takes."""
+    tree = {f"layer_{i}": jnp.ones((64, 16)) for i in range(20)}
+    spec = P("data")
+    sharded = jax.device_put(tree, NamedSharding(mesh, spec))
+    norm = jax.shard_map(
+        lambda g: jaxstab.global_norm(g, axis_name="data"),
+        mesh=mesh, in_specs=(spec,), out_specs=P(),
+    )
+    hlo = jax.jit(norm).lower(sharded).compile().as_text()
+    main_path = [line for line in hlo.splitlines() if "all-reduce(" in line]
+    scalar = [line for line in main_path if re.search(r"= f32\[\] all-reduce\(", line)]
+    # One on the common path, one in the rescue branch (runs only on over/underflow).
+    assert count_all_reduces(hlo) == 2 and len(scalar) == 2, main_path
