@@ -20,17 +20,24 @@ from jaxstab import nn as core
 SETTINGS = settings(max_examples=25, deadline=None)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _moments(x, axes, mask, static):
+    return core.moments(x, axes, mask=mask, **dict(static))
+
+
 def moments(x, axes, mask=None, **kwargs):
-    """Jitted :func:`core.moments` (one compile per call site instead of one per primitive)."""
-    return jax.jit(lambda x, m: core.moments(x, axes, mask=m, **kwargs))(x, mask)
+    """Jitted :func:`core.moments`, compiled once per shape and static arguments."""
+    return _moments(x, axes, mask, tuple(sorted(kwargs.items())))
 
 
-def batch_norm(x, stats, scale=None, bias=None, **kwargs):
-    """Jitted :func:`core.batch_norm` with the keyword arguments static."""
-    return jax.jit(lambda *a: core.batch_norm(*a, **kwargs))(x, stats, scale, bias)
+@functools.partial(jax.jit, static_argnums=5)
+def _batch_norm(x, stats, scale, bias, mask, static):
+    return core.batch_norm(x, stats, scale, bias, mask=mask, **dict(static))
 
 
-JIT_MOMENTS = jax.jit(lambda x: core.moments(x, 0))  # compiled once per shape
+def batch_norm(x, stats, scale=None, bias=None, mask=None, **kwargs):
+    """Jitted :func:`core.batch_norm`, compiled once per shape and static arguments."""
+    return _batch_norm(x, stats, scale, bias, mask, tuple(sorted(kwargs.items())))
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -113,7 +120,7 @@ class MomentsTest(chex.TestCase):
     )
     def test_property_matches_numpy(self, x, offset):
         x = x + np.float32(offset)
-        mean, var, _ = JIT_MOMENTS(jnp.asarray(x))
+        mean, var, _ = moments(jnp.asarray(x), 0)
         ref_mean, ref_var, _ = np_moments(x, 0)
         scale = np.abs(ref_mean) + np.sqrt(ref_var) + 1
         np.testing.assert_allclose(mean, ref_mean, atol=1e-5 * np.max(scale))
