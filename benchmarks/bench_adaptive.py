@@ -1,9 +1,11 @@
 """Adaptive clipping and skip guards: cost against Adam on a jitted, params-donated step.
 
 Each variant is reported as a ratio to plain Adam, timed round-robin in one process. Targets on a
-2-core CPU: zscore_clip, quantile_clip and skip_anomalies at most 1.3x Adam. "naive skip" is the
-obvious way to write a skip guard -- ``lax.cond`` between the inner update and the old state --
-kept for reference: XLA cannot fuse across the branch, so the inner state is copied every step.
+2-core CPU: zscore_clip, quantile_clip and skip_anomalies at most 1.3x Adam. Two obvious ways to
+write a skip guard are kept for reference: ``jnp.where(skip, old, new)`` on every inner-state leaf
+(what ``optax.apply_if_finite`` does), and ``lax.cond`` between the inner update and the old state.
+With donated state both make XLA copy the optimizer state every step; ``skip_anomalies`` does not
+(see ``jaxstab/guards.py``).
 
 Run: ``PYTHONPATH=. python benchmarks/bench_adaptive.py [--quick]``.
 """
@@ -23,8 +25,20 @@ from jaxstab.guards import skip_anomalies
 from jaxstab.scaling import normalize_by_global_norm
 
 
-def naive_skip(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-    """Skip non-finite steps with ``lax.cond``: what jaxstab avoids (reference only)."""
+def where_skip(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Skip non-finite steps by selecting every state leaf (reference only)."""
+
+    def update_fn(updates, state, params=None):
+        finite = jnp.isfinite(_norms.global_norm(updates))
+        new_updates, new_state = inner.update(updates, state, params)
+        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        return _norms.scale_tree(new_updates, finite.astype(jnp.float32)), new_state
+
+    return optax.GradientTransformation(inner.init, update_fn)
+
+
+def cond_skip(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Skip non-finite steps with ``lax.cond`` (reference only)."""
 
     def update_fn(updates, state, params=None):
         finite = jnp.isfinite(_norms.global_norm(updates))
@@ -49,7 +63,8 @@ def variants() -> dict[str, optax.GradientTransformation]:
         "adagc+adam": optax.chain(adagc(), adam()),
         "normalize_by_global_norm+adam": optax.chain(normalize_by_global_norm(), adam()),
         "skip_anomalies(adam)": skip_anomalies(adam()),
-        "naive skip (lax.cond)": naive_skip(adam()),
+        "naive skip: where per leaf": where_skip(adam()),
+        "naive skip: lax.cond": cond_skip(adam()),
     }
 
 

@@ -17,7 +17,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.extend.core import Literal, Var
+
+try:
+    from jax.extend.core import Literal, Var
+except ImportError:  # older jax
+    from jax.core import Literal, Var
 
 from jaxstab import _checks, _norms, _stats
 from jaxstab.telemetry import telemetry_state
@@ -69,9 +73,10 @@ def _eval_selecting(jaxpr, consts, args, replace, skip) -> tuple[list, set]:
                 if iv in inner_replaced
             }
         else:
-            ctx = getattr(getattr(eqn, "ctx", None), "manager", contextlib.nullcontext())
-            with ctx:
-                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            params = eqn.primitive.get_bind_params(eqn.params)
+            subfuns, params = params if isinstance(params, tuple) else ((), params)  # older jax
+            with getattr(getattr(eqn, "ctx", None), "manager", contextlib.nullcontext()):
+                outs = eqn.primitive.bind(*subfuns, *invals, **params)
             if not eqn.primitive.multiple_results:
                 outs = [outs]
         for v, x in zip(eqn.outvars, outs, strict=True):
@@ -213,6 +218,8 @@ def skip_anomalies(
             learn &= norm <= _stats.as_f32(max_norm)
         skip = ~(jnp.isfinite(norm) & (norm <= threshold))
         keep = (~skip).astype(jnp.float32)
+        # The inner update sees ``g * keep``, not ``g``: fed ``g`` itself, XLA merges Adam's
+        # ``g * g`` with the norm's (common subexpressions) and writes it out as a full array.
         inner_updates, inner_state = _update_or_keep(
             inner, skip, _norms.scale_tree(updates, keep), state.inner_state, params, extra_args
         )
