@@ -189,7 +189,7 @@ def quantile_clip(
     Accuracy: on 3000 i.i.d. norms (log-normal, exponential, uniform, Pareto; quantiles 0.1 to
     0.99; 10 seeds each) the final estimate's rank among all norms is within 0.3 points of
     ``quantile`` on average (0.7 at worst), and the share of steps 1000-3000 that get clipped is
-    within 0.5 points of ``1 - quantile``; a norm of 1e30 in the stream moves the estimate by
+    within 0.7 points of ``1 - quantile``; a norm of 1e30 in the stream moves the estimate by
     under 3%. A non-finite step gives an all-zero update and does not enter the estimate.
 
     Args:
