@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import jaxstab
+from jaxstab.diagnostics import layer_norms
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -90,6 +91,7 @@ class Run(NamedTuple):
     loss: np.ndarray
     grad_norm: np.ndarray  # global norm of the raw gradient, before any transform
     touched: np.ndarray  # bool: the transform clipped or skipped this step
+    layers: dict[str, np.ndarray]  # jaxstab.layer_norms of the raw gradient per step, if asked
 
     @property
     def nonfinite_steps(self) -> int:
@@ -123,6 +125,7 @@ def train(
     seed: int,
     model_state=None,
     grad_scale: Callable[[str], np.ndarray] | None = None,
+    log_layers: bool = False,
     desc: str = "train",
     progress: bool = True,
 ) -> dict[str, Run]:
@@ -137,6 +140,7 @@ def train(
       model_state: e.g. batch-norm statistics, carried along (None if the model has none).
       grad_scale: ``grad_scale(name) -> (steps,)`` multipliers applied to the raw gradients
         (simulated bad batches); default all ones.
+      log_layers: also record ``jaxstab.layer_norms`` of the raw gradient at every step.
       desc, progress: the tqdm bar.
     """
     txs = [m.tx for m in methods]
@@ -161,7 +165,8 @@ def train(
         branches = [branch(i) for i in range(len(txs))]
         updates, opt_states, touched = jax.lax.switch(idx, branches, grads, opt_states, params)
         params = optax.apply_updates(params, updates)
-        return (params, new_model_state, opt_states, idx), (loss, norm, touched)
+        layers = layer_norms(grads) if log_layers else {}
+        return (params, new_model_state, opt_states, idx), (loss, norm, touched, layers)
 
     @jax.jit
     def run_all(idx, params, model_state, opt_states, keys, scales):
@@ -174,12 +179,12 @@ def train(
     runs = {}
     for i, method in enumerate(tqdm(methods, desc=desc, disable=not progress, leave=False)):
         scales = np.ones(steps, np.float32) if grad_scale is None else grad_scale(method.name)
-        out_params, out_state, (loss, norm, touched) = run_all(
+        out_params, out_state, (loss, norm, touched, layers) = run_all(
             jnp.int32(i), params, model_state, opt_states, keys, jnp.asarray(scales)
         )
-        runs[method.name] = Run(
-            out_params, out_state, np.asarray(loss), np.asarray(norm), np.asarray(touched)
-        )
+        curves = [np.asarray(c) for c in (loss, norm, touched)]
+        layers = {k: np.asarray(v) for k, v in layers.items()}
+        runs[method.name] = Run(out_params, out_state, *curves, layers)
     return runs
 
 
