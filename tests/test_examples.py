@@ -1,0 +1,70 @@
+"""Smoke tests of the example scripts with tiny settings: the unprotected run blows up, the
+protected one stays finite and learns."""
+
+import math
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+pytest.importorskip("tqdm")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples"))
+
+import conv_batchnorm
+import deep_mlp
+import demo
+import exploding_rnn
+
+
+def _rows(result):
+    assert os.path.getsize(result["figure"]) > 10_000  # a real PNG
+    assert result["table"].count("\n") == len(result["rows"]) + 1
+    return {row["method"]: row for row in result["rows"]}
+
+
+def test_exploding_rnn(tmp_path):
+    clip = "jaxstab.clip_by_global_norm(1)"
+    result = exploding_rnn.run(60, 0, str(tmp_path), ["none", clip], progress=False)
+    rows = _rows(result)
+    assert rows["none"]["nonfinite"] > 0
+    assert rows[clip]["nonfinite"] == 0
+    assert rows[clip]["max_grad_norm"] > 1e3  # the gradient did explode
+    assert rows[clip]["final_loss"] < exploding_rnn.INITIAL_LOSS  # and training went on
+    assert rows[clip]["touched"] > 0
+
+
+def test_deep_mlp(tmp_path):
+    result = deep_mlp.run(40, 0, str(tmp_path), ["none", "clip_by_global_norm(1)"], False)
+    rows = _rows(result)
+    assert rows["none"]["nonfinite"] > 0
+    assert rows["none"]["grad_norm0"] > 1e4
+    assert rows["clip_by_global_norm(1)"]["nonfinite"] == 0
+    assert rows["clip_by_global_norm(1)"]["accuracy"] > 0.3  # chance: 0.1
+    layers = result["runs"]["none"].layers  # jaxstab.layer_norms, logged every step
+    assert "Block_15/Dense_1" in layers and layers["head/kernel"].shape == (40,)
+
+
+def test_conv_batchnorm(tmp_path):
+    result = conv_batchnorm.run(60, 0, str(tmp_path), ["Batch Renorm, batch 4"], False)
+    (row,) = _rows(result).values()
+    assert row["nonfinite"] == 0
+    assert row["online"] > 0.3 and row["offline"] > 0.3
+
+
+def test_demo_with_grad_spikes(tmp_path, capsys):
+    (result,) = demo.main(["--out", str(tmp_path), "--only", "grad_spikes", "--scale", "0.2"])
+    rows = _rows(result)
+    assert all(row["nonfinite"] == 0 for row in rows.values())
+    assert rows["clean (no spikes)"]["touched"] == 0
+    assert rows["none"]["accuracy"] < 0.5
+    for name in ("zscore_clip", "quantile_clip(0.9)", "adagc", "skip_anomalies"):
+        assert rows[name]["touched_spikes"] == "3/3", name
+        assert rows[name]["accuracy"] > rows["none"]["accuracy"] + 0.2, name
+    assert rows["skip_anomalies"]["touched"] < rows["clip_by_global_norm(1)"]["touched"] / 4
+    summary = (tmp_path / "summary.md").read_text()
+    assert result["table"] in summary and "](grad_spikes.png)" in summary
+    assert "| skip_anomalies" in capsys.readouterr().out
+    assert not math.isnan(rows["clean (no spikes)"]["max_loss"])
