@@ -37,14 +37,15 @@ VARIANTS = {
 }
 
 
-def run(n_leaves: int, total: int, reps: int) -> tuple[str, dict[str, float]]:
+def run(n_leaves: int, total: int, reps: int, names=tuple(VARIANTS)) -> str:
     params, grads = _harness.make_tree(n_leaves, total)
-    steps = _harness.optimizer_steps({k: v[0]() for k, v in VARIANTS.items()})
+    steps = _harness.optimizer_steps({k: VARIANTS[k][0]() for k in names})
     steps["floor (triad)"] = (_harness.triad_floor(), lambda p: ())
     times, compile_s = _harness.time_steps(steps, params, grads, reps=reps)
     floor = times["floor (triad)"]
     rows = []
-    for name, (_, base, arrays) in VARIANTS.items():
+    for name in names:
+        _, base, arrays = VARIANTS[name]
         t = times[name]
         rows.append([
             name,
@@ -55,8 +56,7 @@ def run(n_leaves: int, total: int, reps: int) -> tuple[str, dict[str, float]]:
         ])
     rows.append(["floor (triad)", f"{floor * 1e3:.2f}", "", "1.00x", ""])
     header = ["variant", "ms/step", "vs unclipped", "vs floor", "compile s"]
-    ratios = {name: times[name] / times[VARIANTS[name][1]] for name in VARIANTS}
-    return _harness.markdown_table(header, rows), ratios
+    return _harness.markdown_table(header, rows)
 
 
 def main() -> None:
@@ -65,10 +65,13 @@ def main() -> None:
     args = parser.parse_args()
     total = 2_000_000 if args.quick else 10_000_000
     reps = 8 if args.quick else 40
-    for n_leaves in (20, 2000):
-        table, _ = run(n_leaves, total, reps if n_leaves == 20 else max(reps // 4, 4))
-        print(f"\n### Clipping step, {total / 1e6:g}M float32 params in {n_leaves} leaves\n")
-        print(table)
+    print(f"\n### Clipping step, {total / 1e6:g}M float32 params in 20 leaves\n", flush=True)
+    print(run(20, total, reps), flush=True)
+    # Many leaves: compile time. AGC is left out here: its per-unit rescue branch compiles in
+    # minutes at 2000 leaves (see the README's known limits).
+    names = [k for k in VARIANTS if "AGC" not in k]
+    print(f"\n### Clipping step, {total / 5e6:g}M float32 params in 2000 leaves\n", flush=True)
+    print(run(2000, total // 5, max(reps // 4, 4), names), flush=True)
 
 
 if __name__ == "__main__":

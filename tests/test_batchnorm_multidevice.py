@@ -129,3 +129,24 @@ def test_jit_over_batch_sharded_input_gives_global_statistics():
     np.testing.assert_allclose(upd["batch_stats"]["var"], ref_var, rtol=1e-4)
     y_single, _ = step(variables, jnp.asarray(x), jnp.asarray(mask))
     np.testing.assert_allclose(y, y_single, rtol=1e-5, atol=1e-5)
+
+
+def test_ghost_batches_under_jit_give_per_device_statistics():
+    """virtual_batch_size = per-device batch: each device's shard is normalized on its own."""
+    mesh = jax.make_mesh((N_DEV,), ("d",))
+    x, _ = data()
+    model = jaxstab.linen.BatchNorm(
+        momentum=0.0, use_running_average=False, virtual_batch_size=PER_DEV
+    )
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(jnp.asarray(x))
+    step = jax.jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"]))
+    (xs,) = sharded(mesh, x)
+    y, upd = step(variables, xs)
+    assert len(y.sharding.device_set) == N_DEV
+    chunks = np.asarray(x, np.float64).reshape(N_DEV, PER_DEV, FEATURES)
+    mean, var = chunks.mean(1, keepdims=True), chunks.var(1, keepdims=True)
+    want = ((chunks - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], mean.mean(0)[0], rtol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], var.mean(0)[0], rtol=1e-4)
+    assert xs.sharding.is_equivalent_to(y.sharding, 2)
