@@ -6,6 +6,7 @@ process, round-robin (one step of each variant per round), and reported as a rat
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -59,7 +60,9 @@ def time_steps(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds per step and compile seconds of each ``name: (step_fn, init_fn)``.
 
-    ``init_fn(params) -> state``. Steps run round-robin so that machine noise hits all alike.
+    ``init_fn(params) -> state``. Steps run round-robin, in a new random order every round, so
+    that machine noise, and what the previous step left in caches and the allocator, hit all
+    variants alike (a fixed order measurably slows whichever step follows a memory-heavy one).
     """
     live, compile_s = {}, {}
     for name, (step, init) in steps.items():
@@ -72,8 +75,11 @@ def time_steps(
             p, s = compiled(p, s, grads)
         jax.block_until_ready(p)
         live[name] = [compiled, p, s, []]
+    rng = random.Random(0)
+    order = list(live.values())
     for _ in range(reps):
-        for entry in live.values():
+        rng.shuffle(order)
+        for entry in order:
             compiled, p, s, times = entry
             t0 = time.perf_counter()
             p, s = compiled(p, s, grads)
