@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -277,6 +278,22 @@ def plot_runs(runs: dict[str, Run], title: str, path: str, *, extra: Callable | 
 
 # --------------------------------------------------------------------------------------------
 # Command line
+
+
+def scenario_result(name, title, about, rows, columns, runs, figure, start) -> dict:
+    """What every scenario's ``run`` returns: texts, table rows, curves, plot path, seconds."""
+    return {
+        "name": name, "title": title, "about": about, "rows": rows, "runs": runs,
+        "table": table(rows, columns), "figure": figure,
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+
+
+def scenario_main(run: Callable[..., dict], doc: str, *, steps: int) -> None:
+    """The command line of a scenario script: parse the flags, run, print the results."""
+    args = arg_parser(doc.split("\n")[0], steps=steps).parse_args()
+    result = run(args.steps, args.seed, args.out, args.methods)
+    print(result["title"], result["about"], result["table"], f"plot: {result['figure']}", sep="\n")
 
 
 def arg_parser(description: str, *, steps: int) -> argparse.ArgumentParser:

@@ -120,18 +120,13 @@ def run(steps=400, seed=0, out_dir="demo_out", names=None, progress=True) -> dic
         "the training batch size, normalized with their own statistics; offline: the running "
         "statistics. Ghost batches use groups of 4 online too."
     )
-    return {
-        "name": "conv_batchnorm", "title": title, "about": about, "rows": rows, "runs": runs,
-        "table": common.table(rows, COLUMNS), "figure": figure,
-        "seconds": time.perf_counter() - start,
-    }  # fmt: skip
+    return common.scenario_result(
+        "conv_batchnorm", title, about, rows, COLUMNS, runs, figure, start
+    )
 
 
 def main():
-    parser = common.arg_parser(__doc__.split("\n")[0], steps=2000)
-    args = parser.parse_args()
-    result = run(args.steps, args.seed, args.out, args.methods)
-    print(result["title"], result["about"], result["table"], f"plot: {result['figure']}", sep="\n")
+    common.scenario_main(run, __doc__, steps=2000)
 
 
 if __name__ == "__main__":

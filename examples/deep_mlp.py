@@ -131,18 +131,11 @@ def run(steps=300, seed=0, out_dir="demo_out", names=None, progress=True) -> dic
         f"{steps} steps of batch {BATCH} on digits; test accuracy on {len(y_test)} held-out "
         "digits (chance: 10%), the BatchNorm model evaluated with its running statistics."
     )
-    return {
-        "name": "deep_mlp", "title": title, "about": about, "rows": rows, "runs": runs,
-        "table": common.table(rows, COLUMNS), "figure": figure,
-        "seconds": time.perf_counter() - start,
-    }  # fmt: skip
+    return common.scenario_result("deep_mlp", title, about, rows, COLUMNS, runs, figure, start)
 
 
 def main():
-    parser = common.arg_parser(__doc__.split("\n")[0], steps=1500)
-    args = parser.parse_args()
-    result = run(args.steps, args.seed, args.out, args.methods)
-    print(result["title"], result["about"], result["table"], f"plot: {result['figure']}", sep="\n")
+    common.scenario_main(run, __doc__, steps=1500)
 
 
 if __name__ == "__main__":

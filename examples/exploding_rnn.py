@@ -129,18 +129,11 @@ def run(steps=600, seed=0, out_dir="demo_out", names=None, progress=True) -> dic
         "clip). skip_anomalies skips nearly every step: finite, but it does not train -- "
         "skipping is for rare bad steps (see the gradient-spike scenario)."
     )
-    return {
-        "name": "exploding_rnn", "title": title, "about": about, "rows": rows, "runs": runs,
-        "table": common.table(rows, COLUMNS), "figure": figure,
-        "seconds": time.perf_counter() - start,
-    }  # fmt: skip
+    return common.scenario_result("exploding_rnn", title, about, rows, COLUMNS, runs, figure, start)
 
 
 def main():
-    parser = common.arg_parser(__doc__.split("\n")[0], steps=3000)
-    args = parser.parse_args()
-    result = run(args.steps, args.seed, args.out, args.methods)
-    print(result["title"], result["about"], result["table"], f"plot: {result['figure']}", sep="\n")
+    common.scenario_main(run, __doc__, steps=3000)
 
 
 if __name__ == "__main__":

@@ -103,18 +103,11 @@ def run(steps=450, seed=0, out_dir="demo_out", names=None, progress=True) -> dic
         f"{steps} steps of batch {BATCH}, lr {LR}, momentum {MOMENTUM}. Test accuracy on "
         f"{len(y_test)} held-out digits (chance: 10%). Steps touched: clipped or skipped."
     )
-    return {
-        "name": "grad_spikes", "title": title, "about": about, "rows": rows, "runs": runs,
-        "table": common.table(rows, COLUMNS), "figure": figure,
-        "seconds": time.perf_counter() - start,
-    }  # fmt: skip
+    return common.scenario_result("grad_spikes", title, about, rows, COLUMNS, runs, figure, start)
 
 
 def main():
-    parser = common.arg_parser(__doc__.split("\n")[0], steps=2000)
-    args = parser.parse_args()
-    result = run(args.steps, args.seed, args.out, args.methods)
-    print(result["title"], result["about"], result["table"], f"plot: {result['figure']}", sep="\n")
+    common.scenario_main(run, __doc__, steps=2000)
 
 
 if __name__ == "__main__":
