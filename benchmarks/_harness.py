@@ -6,6 +6,7 @@ process, round-robin (one step of each variant per round), and reported as a rat
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -92,6 +93,14 @@ def time_steps(
 def optimizer_steps(variants: dict[str, optax.GradientTransformation]):
     """``time_steps`` input for optax transformations."""
     return {name: (optimizer_step(tx), tx.init) for name, tx in variants.items()}
+
+
+def size_from_args(description: str) -> tuple[int, int]:
+    """Parses the benchmarks' shared ``--quick`` flag: ``(total params, repetitions)``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller tree")
+    quick = parser.parse_args().quick
+    return (2_000_000, 8) if quick else (10_000_000, 40)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -12,8 +12,6 @@ Run: ``PYTHONPATH=. python benchmarks/bench_adaptive.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -82,11 +80,7 @@ def run(n_leaves: int, total: int, reps: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller tree")
-    args = parser.parse_args()
-    total = 2_000_000 if args.quick else 10_000_000
-    reps = 8 if args.quick else 40
+    total, reps = _harness.size_from_args(__doc__.splitlines()[0])
     n_leaves = 20
     print(f"\n### Adaptive clipping and guards, {total / 1e6:g}M float32 params, {n_leaves} leaves")
     print()

@@ -11,8 +11,6 @@ Run: ``PYTHONPATH=. python benchmarks/bench_clip.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
-
 import optax
 
 import jaxstab
@@ -60,11 +58,7 @@ def run(n_leaves: int, total: int, reps: int, names=tuple(VARIANTS)) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller tree")
-    args = parser.parse_args()
-    total = 2_000_000 if args.quick else 10_000_000
-    reps = 8 if args.quick else 40
+    total, reps = _harness.size_from_args(__doc__.splitlines()[0])
     print(f"\n### Clipping step, {total / 1e6:g}M float32 params in 20 leaves\n", flush=True)
     print(run(20, total, reps), flush=True)
     # Many leaves: compile time. AGC is left out here: its per-unit rescue branch compiles in
