@@ -35,6 +35,8 @@ _GROUP_LEAF = 2**20
 _GROUP_SIZE = 2**24
 
 KeyPath = tuple[Any, ...]
+# The ``axis_name`` of every public function: the mapped axis name(s) of ``shard_map``/``pmap``.
+AxisName = str | Sequence[str] | None
 
 
 def is_array_leaf(x) -> bool:
@@ -86,7 +88,7 @@ def _grouped_sumsq(leaves: Sequence[jax.Array], scale: jax.Array) -> jax.Array:
     return sum(parts)
 
 
-def global_norm(tree, *, axis_name: str | Sequence[str] | None = None) -> jax.Array:
+def global_norm(tree, *, axis_name: AxisName = None) -> jax.Array:
     """L2 norm of all floating-point leaves of ``tree`` as a float32 scalar.
 
     Unlike ``optax.global_norm``, the result is right for every norm float32 represents: float16
@@ -128,7 +130,7 @@ def unit_norms(
     leaves: Sequence[jax.Array],
     axes: Sequence[tuple[int, ...]],
     *,
-    axis_name: str | Sequence[str] | None = None,
+    axis_name: AxisName = None,
 ) -> list[jax.Array]:
     """Per-unit float32 L2 norms of each leaf, reduced over its ``axes`` (kept as size-1 dims).
 

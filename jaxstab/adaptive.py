@@ -11,7 +11,6 @@ statistic untouched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -19,9 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxstab import _checks, _norms, _stats
+from jaxstab._norms import AxisName
 from jaxstab.telemetry import telemetry_state
-
-AxisName = str | Sequence[str] | None
 
 _MODES = ("reciprocal", "threshold", "mean")
 
@@ -48,9 +46,9 @@ class ZScoreClipState(NamedTuple):
 
 def zscore_clip(
     z_threshold: float | jax.Array = 2.5,
+    *,
     decay: float | jax.Array = 0.97,
     warmup_steps: int | jax.Array = 25,
-    *,
     mode: str = "reciprocal",
     max_norm: float | jax.Array | None = None,
     eps: float | jax.Array = 1e-6,
@@ -260,10 +258,10 @@ class AdagcState(NamedTuple):
 
 def adagc(
     relative: float | jax.Array = 1.05,
+    *,
     decay: float | jax.Array = 0.98,
     warmup_steps: int | jax.Array = 100,
     warmup_max_norm: float | jax.Array = 1.0,
-    *,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdaGC: per-tensor adaptive clipping against an EMA of each tensor's own clipped norm.

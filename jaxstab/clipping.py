@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxstab import _checks, _norms
+from jaxstab._norms import AxisName
 from jaxstab.telemetry import telemetry_state
 
 KeyPath = _norms.KeyPath
@@ -27,7 +28,7 @@ class ClipByGlobalNormState(NamedTuple):
 
 
 def clip_by_global_norm(
-    max_norm: float | jax.Array, *, axis_name: str | Sequence[str] | None = None
+    max_norm: float | jax.Array, *, axis_name: AxisName = None
 ) -> optax.GradientTransformationExtraArgs:
     """Clips updates to global norm ``max_norm`` with one scalar multiply.
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -24,10 +23,8 @@ except ImportError:  # older jax
     from jax.core import Literal, Var
 
 from jaxstab import _checks, _norms, _stats
+from jaxstab._norms import AxisName
 from jaxstab.telemetry import telemetry_state
-
-AxisName = str | Sequence[str] | None
-
 
 # --------------------------------------------------------------------------------------------
 # Skipping a step in place

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxstab import _checks, _norms
+from jaxstab._norms import AxisName
 from jaxstab.telemetry import telemetry_state
 
 
@@ -25,7 +25,7 @@ def normalize_by_global_norm(
     target: float | jax.Array = 1.0,
     *,
     eps: float | jax.Array = 1e-6,
-    axis_name: str | Sequence[str] | None = None,
+    axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Scales updates to global norm ``target`` (normalized gradient descent).
 

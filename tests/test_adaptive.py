@@ -88,7 +88,7 @@ def zclip_reference(norms, z_threshold, decay, warmup_steps, mode, max_norm, eps
     ("warmup_steps", "max_norm", "seed"), [(25, None, 0), (5, 2.0, 1), (0, None, 2), (1, 1.5, 3)]
 )
 def test_zscore_clip_matches_numpy_reference(mode, warmup_steps, max_norm, seed):
-    tx = zscore_clip(2.5, 0.97, warmup_steps, mode=mode, max_norm=max_norm)
+    tx = zscore_clip(2.5, decay=0.97, warmup_steps=warmup_steps, mode=mode, max_norm=max_norm)
     _, states, _ = run_jitted(tx, spiky_norms(120, seed))
     expected = zclip_reference(
         np.asarray(states.grad_norm), 2.5, 0.97, warmup_steps, mode, max_norm, 1e-6

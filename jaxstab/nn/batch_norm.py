@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxstab import _checks
+from jaxstab._norms import AxisName
 from jaxstab.nn.moments import VARIANCES, Moments, Variance, canonical_axes, moments
 from jaxstab.nn.renorm import Limit, renorm_correction
 
@@ -127,7 +128,7 @@ def batch_norm(
     momentum: float = 0.99,
     epsilon: float = 1e-5,
     mask: jax.Array | None = None,
-    axis_name: str | Sequence[str] | None = None,
+    axis_name: AxisName = None,
     axis_index_groups: Any = None,
     variance: Variance = "shifted",
     renorm: bool = False,

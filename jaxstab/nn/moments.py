@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxstab._norms import AxisName
+
 Variance = Literal["shifted", "two_pass", "fast"]
 VARIANCES: tuple[str, ...] = ("shifted", "two_pass", "fast")
 
@@ -55,7 +57,7 @@ def moments(
     axes: int | Sequence[int],
     *,
     mask: jax.Array | None = None,
-    axis_name: str | Sequence[str] | None = None,
+    axis_name: AxisName = None,
     axis_index_groups: Any = None,
     variance: Variance = "shifted",
     dtype: Any = None,
