@@ -30,6 +30,12 @@ from jaxstab.guards import (
     skip_anomalies,
 )
 from jaxstab.nn import momentum_from_torch, renorm_schedules
+from jaxstab.recovery import (
+    SpikeRecovery,
+    SpikeRecoveryError,
+    SpikeRecoveryState,
+    spike_recovery,
+)
 from jaxstab.scaling import NormalizeByGlobalNormState, normalize_by_global_norm
 from jaxstab.telemetry import telemetry
 
@@ -43,6 +49,9 @@ __all__ = [
     "NormalizeByGlobalNormState",
     "QuantileClipState",
     "SkipAnomaliesState",
+    "SpikeRecovery",
+    "SpikeRecoveryError",
+    "SpikeRecoveryState",
     "ZScoreClipState",
     "adagc",
     "adaptive_grad_clip",
@@ -60,6 +69,7 @@ __all__ = [
     "quantile_clip",
     "renorm_schedules",
     "skip_anomalies",
+    "spike_recovery",
     "telemetry",
     "zscore_clip",
 ]

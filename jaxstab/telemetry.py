@@ -15,22 +15,25 @@ import jax
 
 from jaxstab import _norms
 
-_REGISTRY: dict[type, tuple[str, tuple[str, ...]]] = {}
+_REGISTRY: dict[type, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
 
 
-def telemetry_state(name: str, fields: tuple[str, ...]) -> Callable[[type], type]:
+def telemetry_state(
+    name: str, fields: tuple[str, ...], *, opaque: tuple[str, ...] = ()
+) -> Callable[[type], type]:
     """Class decorator: registers a state ``NamedTuple`` and the fields :func:`telemetry` reports.
 
     Args:
       name: the path component naming the transform, e.g. ``"clip_by_global_norm"``.
       fields: the state fields holding this step's telemetry (float32/bool scalars).
+      opaque: fields never searched for nested telemetry (e.g. stored copies of a state).
     """
 
     def register(cls: type) -> type:
-        unknown = set(fields) - set(cls._fields)
+        unknown = (set(fields) | set(opaque)) - set(cls._fields)
         if unknown:
             raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
-        _REGISTRY[cls] = (name, tuple(fields))
+        _REGISTRY[cls] = (name, tuple(fields), tuple(opaque))
         return cls
 
     return register
@@ -42,12 +45,12 @@ def _walk(node, prefix: tuple[str, ...], out: dict) -> None:
     for path, leaf in pairs:
         if not is_registered(leaf):
             continue
-        name, fields = _REGISTRY[type(leaf)]
+        name, fields, opaque = _REGISTRY[type(leaf)]
         here = (*prefix, *filter(None, [_norms.path_str(path)]), name)
         for field in fields:
             out["/".join((*here, field))] = getattr(leaf, field)
         for field in leaf._fields:
-            if field not in fields:
+            if field not in fields and field not in opaque:
                 _walk(getattr(leaf, field), (*here, field), out)
 
 
