@@ -31,6 +31,11 @@ def make_tree(n_leaves: int = 20, total: int = 10_000_000, seed: int = 0):
     return params, grads
 
 
+def jit_step(step: Callable) -> Callable:
+    """``step(params, state, grads) -> (params, state)`` jitted with params and state donated."""
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
 def optimizer_step(tx: optax.GradientTransformation) -> Callable:
     """The jitted training-step body: update, apply; params and state donated."""
 
@@ -38,7 +43,7 @@ def optimizer_step(tx: optax.GradientTransformation) -> Callable:
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jit_step(step)
 
 
 def triad_floor() -> Callable:
@@ -48,7 +53,7 @@ def triad_floor() -> Callable:
     def step(params, state, grads):
         return jax.tree.map(lambda p, g: p + 1e-3 * g, params, grads), state
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jit_step(step)
 
 
 def time_steps(

@@ -300,23 +300,21 @@ def spike_recovery(
             updates = _norms.scale_tree(updates, lr_scale)
         new = (optax.apply_updates(params, updates), opt_state)
 
-        def restore(_):
-            p, s = _read(state.snapshots, target)
-            return (p, reinit(p)) if reinit is not None else (p, s)
-
-        params, opt_state = jax.lax.cond(rollback, restore, lambda n: n, new)
-
         # Snapshot after ``every`` healthy steps (never on a spike), into an invalid slot or the
-        # oldest; it is confirmed by the next step's loss.
+        # oldest; it is confirmed by the next step's loss. Taking and restoring exclude each
+        # other; writing first lets XLA update the snapshot buffers in place.
         since = jnp.where(rollback, 0, state.since_snapshot + 1)
         take = ~rollback & (since >= every)
         slot = jnp.argmin(snapshot_step)
         snapshots = jax.lax.cond(
-            take,
-            lambda s: _write(s, (params, opt_state), slot),
-            lambda s: s,
-            state.snapshots,
+            take, lambda s: _write(s, new, slot), lambda s: s, state.snapshots
         )
+
+        def restore(_):
+            p, s = _read(snapshots, target)
+            return (p, reinit(p)) if reinit is not None else (p, s)
+
+        params, opt_state = jax.lax.cond(rollback, restore, lambda n: n, new)
         dropped = rollback & (snapshot_step > target_step)  # newer than the one restored
         snapshot_step = jnp.where(dropped, -1, snapshot_step)
         snapshot_step = jnp.where(take & (jnp.arange(keep) == slot), step, snapshot_step)
