@@ -77,8 +77,8 @@ def batch_norm(
     float32 at least (``stats_dtype``); only the output is cast to ``dtype``.
 
     The layer's options (``axis``, ``momentum``, ``epsilon``, ``axis_name``, ``variance``,
-    ``renorm``, ``virtual_batch_size``, ...) are the fields of :class:`BatchNormConfig`: pass one
-    as ``config``, or the options themselves as keywords.
+    ``renorm``, ``virtual_batch_size``, ...) are the fields of :class:`BatchNormConfig`, which
+    says what each does: pass a config, or the options themselves as keywords.
 
     Args:
       x: the input.
@@ -86,12 +86,6 @@ def batch_norm(
         or ``d_max`` is a schedule).
       scale, bias: optional feature-shaped affine parameters.
       config: the options, checked when it was built; default ``BatchNormConfig(**options)``.
-        In short: with ``axis_name``, statistics are pooled across the devices of a mapped axis
-        with one ``psum`` of counts, sums and sums of squares (exact for any split of the valid
-        elements); with ``renorm``, training corrects the batch statistics towards the running
-        ones (:func:`renorm_correction`); with ``virtual_batch_size``, training splits the
-        leading axis into consecutive groups of that size, each normalized with its own
-        statistics, and the running averages move towards the mean of the groups' statistics.
       use_running_average: inference mode.
       update_stats: in training, whether to update ``stats`` (False during a linen ``init``).
       mask: boolean array broadcastable to ``x``; only ``True`` positions enter the statistics.

@@ -24,20 +24,29 @@ class BatchNormConfig:
 
     Attributes:
       axis: the feature axis or axes; all others are reduced.
-      momentum: weight of the old running value, in ``[0, 1]`` (flax's convention).
+      momentum: weight of the old running value, in ``[0, 1]`` (flax's convention):
+        ``running = momentum * running + (1 - momentum) * batch``.
       epsilon: ``> 0``, added to the variance.
-      axis_name: mapped axis name(s) to pool the statistics over (``shard_map``/``pmap``/
-        ``vmap``) with one ``psum`` of counts, sums and sums of squares.
-      axis_index_groups: groups of device indices within ``axis_name`` to pool separately.
+      axis_name: inside ``shard_map``/``pmap``/``vmap``, the mapped axis name(s) to pool the
+        statistics over, with one ``psum`` of counts, sums and sums of squares: exact for any
+        split of the valid elements. Not needed under ``jit`` with sharded arrays.
+      axis_index_groups: groups of device indices within ``axis_name`` to pool separately
+        (``pmap`` only).
       variance: ``"shifted"`` (one pass about a sample of the batch, no cancellation),
         ``"two_pass"`` or ``"fast"`` (flax's ``E[x^2] - E[x]^2``); see
         :func:`jaxstab.batchnorm.moments`.
-      renorm: Batch Renormalization (Ioffe 2017) in training.
+      renorm: Batch Renormalization (Ioffe 2017): in training, correct the batch statistics
+        towards the running ones with ``r``, ``d`` from
+        :func:`jaxstab.batchnorm.renorm_correction`.
       r_max, d_max: renorm's clipping limits, ``>= 1`` and ``>= 0``: floats or schedules of the
         training step (see :func:`jaxstab.batchnorm.renorm_schedules`), checked at step 0.
-      virtual_batch_size: ghost batch norm (Hoffer et al. 2017): a positive int that splits the
-        leading axis into groups normalized with their own statistics, or None.
-      unbiased_running_var: keep the running variance unbiased (``n / (n - 1)``), as PyTorch.
+      virtual_batch_size: ghost batch norm (Hoffer et al. 2017): None, or a positive int that
+        splits the leading axis in training into consecutive groups of that size, each
+        normalized with its own statistics (with ``axis_name``, group ``g`` pooled across
+        devices); the running averages move towards the mean of the groups' statistics. It must
+        divide the leading axis.
+      unbiased_running_var: keep the running variance unbiased, ``var * n / (n - 1)``, as
+        PyTorch does (normalization still uses the biased batch variance).
 
     Example:
       >>> from jaxstab.batchnorm import BatchNormConfig
