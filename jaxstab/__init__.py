@@ -15,6 +15,7 @@ from jaxstab.adaptive import (
     quantile_clip,
     zscore_clip,
 )
+from jaxstab.batchnorm import momentum_from_torch, renorm_schedules
 from jaxstab.clipping import (
     AdaptiveGradClipState,
     ClipByGlobalNormState,
@@ -29,7 +30,6 @@ from jaxstab.guards import (
     dynamic_loss_scale,
     skip_anomalies,
 )
-from jaxstab.nn import momentum_from_torch, renorm_schedules
 from jaxstab.recovery import (
     SpikeRecovery,
     SpikeRecoveryError,
@@ -56,6 +56,7 @@ __all__ = [
     "adagc",
     "adaptive_grad_clip",
     "all_finite",
+    "batchnorm",
     "clip_by_global_norm",
     "dynamic_loss_scale",
     "flax_unit_axes",

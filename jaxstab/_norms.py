@@ -225,7 +225,7 @@ def flax_unit_axes(path: KeyPath, shape: tuple[int, ...]) -> tuple[int, ...]:
 
     Example:
       >>> from jax.tree_util import DictKey as K
-      >>> from jaxstab._norms import flax_unit_axes
+      >>> from jaxstab import flax_unit_axes
       >>> flax_unit_axes((K("out"), K("kernel")), (8, 16, 64))
       (0, 1)
       >>> flax_unit_axes((K("query"), K("kernel")), (64, 8, 16))

@@ -1,15 +1,18 @@
-"""Flax linen layers: a drop-in ``BatchNorm`` over the pure core in :mod:`jaxstab.nn`."""
+"""Flax linen layers: a drop-in ``BatchNorm`` over the pure core in :mod:`jaxstab.batchnorm`."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.typing import Axes, Dtype, Initializer
+from flax.typing import Dtype, Initializer
 
-from jaxstab import nn as core
+from jaxstab.batchnorm import BatchNormConfig, BatchStats, batch_norm
+from jaxstab.batchnorm._config import module_config
+from jaxstab.batchnorm._renorm import Limit
 
 
 class BatchNorm(nn.Module):
@@ -21,8 +24,8 @@ class BatchNorm(nn.Module):
     ordinary data. Where flax goes wrong:
 
     - **No catastrophic cancellation**: the default one-pass variance is taken about a sample of
-      the batch (:func:`jaxstab.nn.moments`), right at any mean/std (flax's ``E[x^2] - E[x]^2``
-      is off by 1000x at mean/std = 1e5), at the same speed.
+      the batch (:func:`jaxstab.batchnorm.moments`), right at any mean/std (flax's
+      ``E[x^2] - E[x]^2`` is off by 1000x at mean/std = 1e5), at the same speed.
     - **Exact pooling** across devices (``axis_name``) and masks: one ``psum`` of counts, sums and
       sums of squares -- not a mean of per-device means.
     - Statistics, running averages and normalization in float32 whatever ``dtype``; only the
@@ -30,12 +33,14 @@ class BatchNorm(nn.Module):
 
     And more: Batch Renormalization (``renorm``), ghost batches (``virtual_batch_size``),
     PyTorch's unbiased running variance, tuple ``axis``, errors that name the bad argument.
+    The options the core uses are checked at construction into ``self.config``, a
+    :class:`jaxstab.batchnorm.BatchNormConfig` passed to :func:`jaxstab.batchnorm.batch_norm`.
 
     Attributes:
       use_running_average: if True, normalize with the running statistics (inference).
       axis: the feature axis or axes.
       momentum: decay of the running averages, in ``[0, 1]`` (flax's convention; for a PyTorch
-        momentum use :func:`jaxstab.nn.momentum_from_torch`).
+        momentum use :func:`jaxstab.batchnorm.momentum_from_torch`).
       epsilon: ``> 0``, added to the variance.
       dtype: the output dtype (default: inferred from the input and params).
       param_dtype: dtype of ``scale`` and ``bias``.
@@ -52,7 +57,7 @@ class BatchNorm(nn.Module):
       renorm: Batch Renormalization (Ioffe 2017) in training.
       r_max, d_max: renorm's limits, ``>= 1`` and ``>= 0``: floats or optax schedules of the
         training step, then counted in ``batch_stats['step']``
-        (:func:`jaxstab.nn.renorm_schedules` gives the paper's ramp).
+        (:func:`jaxstab.batchnorm.renorm_schedules` gives the paper's ramp).
       virtual_batch_size: ghost batch norm (Hoffer et al. 2017): in training, each group of this
         many consecutive examples along the leading axis is normalized with its own statistics.
         It must divide the batch. Not applied during ``init``.
@@ -93,20 +98,15 @@ class BatchNorm(nn.Module):
     force_float32_reductions: bool = True
     use_variance_shift: bool = True
     renorm: bool = False
-    r_max: core.renorm.Limit = 3.0
-    d_max: core.renorm.Limit = 5.0
+    r_max: Limit = 3.0
+    d_max: Limit = 5.0
     virtual_batch_size: int | None = None
     unbiased_running_var: bool = False
 
     def __post_init__(self) -> None:
-        core.check_hyperparameters(
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            renorm=self.renorm,
-            r_max=self.r_max,
-            d_max=self.d_max,
-            virtual_batch_size=self.virtual_batch_size,
-        )
+        # The core's options, checked here: a bad one raises at construction. Not a field, so
+        # it stays out of the module's hash, equality and clone arguments.
+        object.__setattr__(self, "config", module_config(vars(self)))
         super().__post_init__()
 
     @nn.compact
@@ -127,13 +127,13 @@ class BatchNorm(nn.Module):
             "use_running_average", self.use_running_average, use_running_average
         )
         x = jnp.asarray(x)
-        axes: Axes = self.axis
-        features = tuple(x.shape[a] for a in core.canonical_axes(x.ndim, axes))
+        config: BatchNormConfig = self.config
+        features = config.feature_shape(x.shape)
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         mean = self.variable("batch_stats", "mean", jnp.zeros, features, stats_dtype)
         var = self.variable("batch_stats", "var", jnp.ones, features, stats_dtype)
         step = None
-        if core.uses_step(self.renorm, self.r_max, self.d_max):
+        if config.counts_steps:
             step = self.variable("batch_stats", "step", jnp.zeros, (), jnp.int32)
         scale = bias = None
         if self.use_scale:
@@ -142,25 +142,17 @@ class BatchNorm(nn.Module):
             bias = self.param("bias", self.bias_init, features, self.param_dtype)
 
         initializing = self.is_initializing()
-        y, new = core.batch_norm(
+        if initializing:  # as flax: init runs outside any mapped axis, on any batch
+            config = dataclasses.replace(config, axis_name=None, virtual_batch_size=None)
+        y, new = batch_norm(
             x,
-            core.BatchStats(mean.value, var.value, None if step is None else step.value),
+            BatchStats(mean.value, var.value, None if step is None else step.value),
             scale,
             bias,
-            axis=axes,
+            config=config,
             use_running_average=use_running_average,
             update_stats=not initializing,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
             mask=mask,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            variance=core.variance_algorithm(self.use_fast_variance, self.use_variance_shift),
-            renorm=self.renorm,
-            r_max=self.r_max,
-            d_max=self.d_max,
-            virtual_batch_size=None if initializing else self.virtual_batch_size,
-            unbiased_running_var=self.unbiased_running_var,
             dtype=self.dtype,
             stats_dtype=None
             if self.force_float32_reductions

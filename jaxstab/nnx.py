@@ -1,7 +1,8 @@
-"""Flax nnx layers: a drop-in ``BatchNorm`` over the pure core in :mod:`jaxstab.nn`."""
+"""Flax nnx layers: a drop-in ``BatchNorm`` over the pure core in :mod:`jaxstab.batchnorm`."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -12,8 +13,11 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from jaxstab import nn as core
+from jaxstab.batchnorm import BatchNormConfig, BatchStats, batch_norm
+from jaxstab.batchnorm._config import module_config
+from jaxstab.batchnorm._renorm import Limit
 
+_OPTIONS = frozenset(f.name for f in dataclasses.fields(BatchNormConfig))
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
 
@@ -23,12 +27,16 @@ class BatchNorm(nnx.Module):
 
     Same constructor and call arguments and variables as flax (``nnx.Param`` ``scale``,
     ``bias``; ``nnx.BatchStat`` ``mean``, ``var``), and the same arithmetic as
-    :class:`jaxstab.linen.BatchNorm` (both call :func:`jaxstab.nn.batch_norm`), so the two
+    :class:`jaxstab.linen.BatchNorm` (both call :func:`jaxstab.batchnorm.batch_norm`), so the two
     give bit-identical results. Beyond flax: no variance cancellation, statistics, running
     averages and normalization in float32 even with ``dtype=bfloat16`` (flax casts the running
     statistics, and the input, to ``dtype`` first), exact pooling across devices and masks,
     tuple feature axes, Batch Renormalization, ghost batches and PyTorch's unbiased running
     variance. See :class:`jaxstab.linen.BatchNorm` for the details.
+
+    The options the core uses are checked at construction into ``self.config``, a static
+    :class:`jaxstab.batchnorm.BatchNormConfig`; they read and write as attributes, as on flax's
+    module (``bn.epsilon``; setting ``bn.momentum`` checks it into a new config).
 
     Args:
       num_features: the size of the feature axis, or a tuple of sizes for a tuple ``axis``.
@@ -93,19 +101,13 @@ class BatchNorm(nnx.Module):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         use_variance_shift: bool = True,
         renorm: bool = False,
-        r_max: core.renorm.Limit = 3.0,
-        d_max: core.renorm.Limit = 5.0,
+        r_max: Limit = 3.0,
+        d_max: Limit = 5.0,
         virtual_batch_size: int | None = None,
         unbiased_running_var: bool = False,
     ):
-        core.check_hyperparameters(
-            momentum=momentum,
-            epsilon=epsilon,
-            renorm=renorm,
-            r_max=r_max,
-            d_max=d_max,
-            virtual_batch_size=virtual_batch_size,
-        )
+        # The core's options, taken from the arguments by name and checked: a static attribute.
+        self.config = module_config(locals())
         shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
         n_axes = 1 if isinstance(axis, int) else len(axis)
         if len(shape) != n_axes:
@@ -116,7 +118,7 @@ class BatchNorm(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
         self.step: nnx.BatchStat[jax.Array] | None = nnx.data(None)
-        if core.uses_step(renorm, r_max, d_max):
+        if self.config.counts_steps:
             self.step = nnx.BatchStat(jnp.zeros((), jnp.int32))
         self.scale: nnx.Param[jax.Array] | None = nnx.data(None)
         if use_scale:
@@ -129,23 +131,23 @@ class BatchNorm(nnx.Module):
 
         self.num_features = num_features
         self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.use_bias = use_bias
         self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
-        self.use_variance_shift = use_variance_shift
-        self.renorm = renorm
-        self.r_max = r_max
-        self.d_max = d_max
-        self.virtual_batch_size = virtual_batch_size
-        self.unbiased_running_var = unbiased_running_var
+
+    def __getattr__(self, name: str) -> Any:
+        """An option of the core reads as an attribute, as on flax's module: ``bn.epsilon``."""
+        config = vars(self).get("config")
+        if config is None or name not in _OPTIONS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(config, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OPTIONS:  # an option: a new config, checked like the first
+            name, value = "config", dataclasses.replace(self.config, **{name: value})
+        super().__setattr__(name, value)
 
     def __call__(
         self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None
@@ -170,29 +172,19 @@ class BatchNorm(nnx.Module):
         x = jnp.asarray(x)
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
-        stats = core.BatchStats(
+        stats = BatchStats(
             self.mean[...], self.var[...], None if self.step is None else self.step[...]
         )
         operands = (x, stats.mean, stats.var, scale, bias)
         promoted = jax.eval_shape(lambda ops: self.promote_dtype(ops, dtype=self.dtype), operands)
-        y, new = core.batch_norm(
+        y, new = batch_norm(
             x,
             stats,
             scale,
             bias,
-            axis=self.axis,
+            config=self.config,
             use_running_average=use_running_average,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
             mask=mask,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            variance=core.variance_algorithm(self.use_fast_variance, self.use_variance_shift),
-            renorm=self.renorm,
-            r_max=self.r_max,
-            d_max=self.d_max,
-            virtual_batch_size=self.virtual_batch_size,
-            unbiased_running_var=self.unbiased_running_var,
             dtype=promoted[0].dtype,
         )
         if not use_running_average:

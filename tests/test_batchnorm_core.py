@@ -1,8 +1,11 @@
-"""The pure batch-norm core, jaxstab.nn: statistics, normalization, renorm, ghost batches."""
+"""The pure batch-norm core, jaxstab.batchnorm: statistics, normalization, renorm, ghost batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import subprocess
+import sys
 
 import chex
 import hypothesis.extra.numpy as hnp
@@ -15,7 +18,9 @@ from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxstab import nn as core
+from jaxstab import batchnorm as core
+from jaxstab.batchnorm._batch_norm import _output_dtype
+from jaxstab.batchnorm._moments import VARIANCES
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -43,7 +48,7 @@ def batch_norm(x, stats, scale=None, bias=None, mask=None, **kwargs):
 @functools.partial(jax.jit, static_argnums=1)
 def all_variances(x, axes, mask=None):
     """:func:`core.moments` with each variance algorithm, in one compile."""
-    return {v: core.moments(x, axes, mask=mask, variance=v) for v in core.VARIANCES}
+    return {v: core.moments(x, axes, mask=mask, variance=v) for v in VARIANCES}
 
 
 def trace(x, stats, **kwargs):
@@ -186,7 +191,7 @@ class PooledTest(chex.TestCase):
         """Device A: four valid zeros; device B: one valid 10 -> mean 2, var 16 (flax: 5, 25)."""
         x = jnp.array([[0.0, 0, 0, 0, 7], [10, 3, 3, 3, 3]])[..., None]
         mask = jnp.array([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], bool)[..., None]
-        for variance in core.VARIANCES:
+        for variance in VARIANCES:
             pooled = jax.vmap(
                 lambda x, m, v=variance: core.moments(x, 0, mask=m, axis_name="d", variance=v),
                 axis_name="d",
@@ -196,7 +201,7 @@ class PooledTest(chex.TestCase):
             np.testing.assert_allclose(stats.var[:, 0, 0], [16.0, 16.0], err_msg=variance)
             np.testing.assert_array_equal(stats.count[:, 0, 0], [5.0, 5.0])
 
-    @parameterized.parameters(*core.VARIANCES, ("shifted", False))
+    @parameterized.parameters(*VARIANCES, ("shifted", False))
     def test_vmap_pooled_equals_global(self, variance, masked=True):
         offset = 0.0 if variance == "fast" else 1e3  # "fast" cancels at large mean/std
         x = normal(7, (4, 6, 3), loc=offset)  # 4 devices x 6 examples x 3 features
@@ -425,7 +430,136 @@ class GhostBatchTest(chex.TestCase):
 
 
 def test_output_dtype_rule():
-    assert core.output_dtype(jnp.ones(2, jnp.bfloat16), jnp.ones(2)) == jnp.float32
-    assert core.output_dtype(jnp.ones(2, jnp.bfloat16), None) == jnp.bfloat16
-    assert core.output_dtype(jnp.ones(2, jnp.int32)) == jnp.float32
-    assert core.output_dtype(jnp.ones(2), dtype=jnp.float16) == jnp.float16
+    assert _output_dtype(jnp.ones(2, jnp.bfloat16), jnp.ones(2)) == jnp.float32
+    assert _output_dtype(jnp.ones(2, jnp.bfloat16), None) == jnp.bfloat16
+    assert _output_dtype(jnp.ones(2, jnp.int32)) == jnp.float32
+    assert _output_dtype(jnp.ones(2), dtype=jnp.float16) == jnp.float16
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNormConfig: the options, checked once, shared by the function and both modules
+
+BAD_OPTIONS = [  # each bad option, and the start of the ValueError that names it
+    ({"axis": 1.5}, "axis must be an int or a sequence of ints"),
+    ({"axis": (0, "1")}, "axis must be an int or a sequence of ints"),
+    ({"momentum": 1.5}, r"momentum must be in \[0.0, 1.0\], got 1.5"),
+    ({"momentum": float("nan")}, "momentum must be in"),
+    ({"epsilon": 0.0}, r"epsilon must be in \(0.0, inf\), got 0.0"),
+    ({"variance": "exact"}, "variance must be one of"),
+    ({"renorm": True, "r_max": 0.5}, r"r_max must be in \[1.0, inf\), got 0.5"),
+    ({"renorm": True, "d_max": -1.0}, "d_max must be in"),
+    ({"renorm": True, "d_max": optax.constant_schedule(-1.0)}, r"d_max\(0\) must be in"),
+    ({"virtual_batch_size": True}, "virtual_batch_size must be None or a positive int, got True"),
+    ({"virtual_batch_size": 0}, "virtual_batch_size must be None or a positive int, got 0"),
+]
+
+
+class ConfigTest(chex.TestCase):
+    @parameterized.parameters(*BAD_OPTIONS)
+    def test_bad_option_raises_naming_it(self, options, message):
+        with pytest.raises(ValueError, match=message):
+            core.BatchNormConfig(**options)
+
+    def test_renorm_limits_are_checked_only_with_renorm(self):
+        assert core.BatchNormConfig(r_max=0.5, d_max=-1.0).r_max == 0.5  # unused: not checked
+
+    def test_equal_options_give_equal_hashable_configs(self):
+        groups = [[0, 1], [2, 3]]
+        a = core.BatchNormConfig(axis=[1, 2], axis_index_groups=groups, momentum=0.9)
+        b = core.BatchNormConfig(axis=(1, 2), axis_index_groups=((0, 1), (2, 3)), momentum=0.9)
+        assert a == b and hash(a) == hash(b)
+        assert a.axis == (1, 2) and a.axis_index_groups == ((0, 1), (2, 3))
+        assert a != dataclasses.replace(a, momentum=0.5)
+        assert len({a, b, core.BatchNormConfig()}) == 2
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            a.momentum = 0.5  # type: ignore[misc]
+        with pytest.raises(ValueError, match="momentum must be in"):
+            dataclasses.replace(a, momentum=-1.0)  # a changed copy is checked again
+
+    def test_feature_shape_and_step_counter(self):
+        assert core.BatchNormConfig(axis=(-1, 1)).feature_shape((2, 3, 4, 5)) == (3, 5)
+        with pytest.raises(ValueError, match="axis must hold axes in"):
+            core.BatchNormConfig(axis=2).feature_shape((4, 3))
+        r_max, d_max = core.renorm_schedules()
+        assert not core.BatchNormConfig(r_max=r_max).counts_steps  # no renorm
+        assert not core.BatchNormConfig(renorm=True).counts_steps  # fixed limits
+        assert core.BatchNormConfig(renorm=True, d_max=d_max).counts_steps
+
+    def test_batch_norm_takes_a_config_or_the_options(self):
+        x = normal(15, (8, 3), loc=1.0)
+        options = {"momentum": 0.8, "epsilon": 1e-3, "variance": "two_pass"}
+        by_keywords = batch_norm(x, _stats(3), **options)
+        by_config = batch_norm(x, _stats(3), config=core.BatchNormConfig(**options))
+        chex.assert_trees_all_equal(by_keywords, by_config)
+        with pytest.raises(TypeError, match="not both"):
+            core.batch_norm(x, _stats(3), config=core.BatchNormConfig(), momentum=0.8)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'momentom'"):
+            core.batch_norm(x, _stats(3), momentom=0.8)
+
+
+# --------------------------------------------------------------------------------------------
+# The public surface: what the package exports, the deprecated jaxstab.nn, no flax
+
+
+def test_exports_only_what_users_call():
+    assert set(core.__all__) == {
+        "BatchNormConfig",
+        "BatchStats",
+        "Moments",
+        "batch_norm",
+        "momentum_from_torch",
+        "moments",
+        "renorm_correction",
+        "renorm_schedules",
+    }
+    public = {name for name in vars(core) if not name.startswith("_")}
+    assert public == set(core.__all__)
+
+
+def test_deprecated_nn_alias_warns_and_still_works():
+    import jaxstab.nn as old
+
+    for name in core.__all__:  # every public name: the same object, with a warning
+        message = rf"use jaxstab\.batchnorm\.{name} instead of jaxstab\.nn\.{name}"
+        with pytest.warns(DeprecationWarning, match=message):
+            assert getattr(old, name) is getattr(core, name)
+    with pytest.warns(DeprecationWarning, match="jaxstab.nn is deprecated"):
+        from jaxstab.nn import batch_norm as old_batch_norm
+    y, _ = old_batch_norm(jnp.array([[1.0], [3.0]]), _stats(1), epsilon=1e-6)
+    np.testing.assert_allclose(y[:, 0], [-1.0, 1.0], rtol=1e-6)
+    # The internals it exported still answer as before, pointing to what replaces them.
+    with pytest.warns(DeprecationWarning, match=r"BatchNormConfig, which checks its options"):
+        check = old.check_hyperparameters
+    with pytest.raises(ValueError, match="momentum must be in"):
+        check(momentum=1.5, epsilon=1e-5)
+    with pytest.warns(DeprecationWarning, match=r"BatchNormConfig\.counts_steps"):
+        assert old.uses_step(True, optax.constant_schedule(2.0), 5.0)
+    with pytest.warns(DeprecationWarning):
+        assert old.variance_algorithm(True, False) == "fast"
+    with pytest.warns(DeprecationWarning):
+        assert old.canonical_axes(4, (-1, 1)) == (1, 3)
+    with pytest.warns(DeprecationWarning):
+        assert old.output_dtype(jnp.ones(2, jnp.int32)) == jnp.float32
+    with pytest.warns(DeprecationWarning):
+        assert old.VARIANCES == VARIANCES
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        old.nope  # noqa: B018
+
+
+def test_core_imports_without_flax():
+    """The core and its deprecated alias load and run with flax unimportable."""
+    script = """
+import importlib.util, sys, types
+# Load jaxstab's subpackages without jaxstab/__init__.py (which may import the flax modules).
+package = types.ModuleType("jaxstab")
+package.__path__ = importlib.util.find_spec("jaxstab").submodule_search_locations
+sys.modules["jaxstab"] = package
+sys.modules["flax"] = None  # any import of flax raises ImportError
+import jax.numpy as jnp
+import jaxstab.batchnorm as core, jaxstab.nn
+stats = core.BatchStats(jnp.zeros(1), jnp.ones(1))
+y, _ = core.batch_norm(jnp.array([[1.0], [3.0]]), stats, epsilon=1e-6)
+assert abs(float(y[0, 0]) + 1) < 1e-5, y
+assert not [m for m in sys.modules if m.split(".")[0] == "flax" and sys.modules[m]]
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

@@ -14,7 +14,7 @@ from absl.testing import parameterized
 from flax.training import train_state
 
 import jaxstab.linen
-from jaxstab import nn as core
+from jaxstab import batchnorm as core
 
 BOTH = (fnn.BatchNorm, jaxstab.linen.BatchNorm)
 

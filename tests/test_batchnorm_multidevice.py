@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxstab.linen
-from jaxstab import nn as core
+from jaxstab import batchnorm as core
 
 pytestmark = [
     pytest.mark.multidevice,

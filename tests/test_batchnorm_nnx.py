@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+import chex
 import flax.linen as fnn
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ from flax import nnx
 
 import jaxstab.linen
 import jaxstab.nnx
-from jaxstab import nn as core
+from jaxstab import batchnorm as core
 
 
 def normal(seed, shape, loc=0.0, scale=1.0, dtype=jnp.float32):
@@ -113,7 +115,7 @@ def test_linen_and_nnx_are_bit_identical(kwargs):
     x = normal(1, (4, 3, 2, 5), loc=3.0, scale=2.0)
     mask = np.random.default_rng(2).random((4, 3, 2, 1)) < 0.7 if masked else None
     axis = kwargs.get("axis", -1)
-    features = tuple(x.shape[a] for a in core.canonical_axes(x.ndim, axis))
+    features = core.BatchNormConfig(axis=axis).feature_shape(x.shape)
     linen_model = jaxstab.linen.BatchNorm(use_running_average=False, **kwargs)
     variables = jax.jit(lambda x: linen_model.init(jax.random.key(0), x))(x)
     nnx_model = jaxstab.nnx.BatchNorm(features, rngs=nnx.Rngs(0), **kwargs)
@@ -253,3 +255,81 @@ def test_linen_checkpoint_loads_into_nnx():
         for name, value in collection.items():
             getattr(model, name)[...] = value
     np.testing.assert_array_equal(linen_model.apply(variables, x), model(x))
+
+
+# --------------------------------------------------------------------------------------------
+# One config, checked in one place, held by both modules
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("axis", 1.5),
+        ("momentum", 1.5),
+        ("epsilon", 0.0),
+        ("d_max", -1.0),
+        ("virtual_batch_size", 0),
+    ],
+)
+def test_bad_option_raises_the_config_error_from_both_modules(option, value):
+    options = {option: value, "renorm": True}
+    with pytest.raises(ValueError, match=f"^{option} must be") as expected:
+        core.BatchNormConfig(**options)
+    with pytest.raises(ValueError) as from_linen:
+        jaxstab.linen.BatchNorm(**options)
+    with pytest.raises(ValueError) as from_nnx:
+        jaxstab.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **options)
+    assert str(from_linen.value) == str(from_nnx.value) == str(expected.value)
+
+
+def test_both_modules_hold_the_same_config():
+    r_max, d_max = core.renorm_schedules()
+    options = dict(axis=(1, 2), momentum=0.9, renorm=True, r_max=r_max, d_max=d_max)
+    expected = core.BatchNormConfig(**options)
+    linen_model = jaxstab.linen.BatchNorm(**options)
+    nnx_model = jaxstab.nnx.BatchNorm((3, 4), rngs=nnx.Rngs(0), **options)
+    assert linen_model.config == nnx_model.config == expected
+    two_pass = dict(use_fast_variance=False, use_variance_shift=False)
+    for flags, variance in (
+        ({}, "shifted"),
+        ({"use_variance_shift": False}, "fast"),
+        (two_pass, "two_pass"),
+    ):
+        assert jaxstab.linen.BatchNorm(**flags).config.variance == variance
+        assert jaxstab.nnx.BatchNorm(3, rngs=nnx.Rngs(0), **flags).config.variance == variance
+
+
+def test_linen_module_stays_a_hashable_cloneable_dataclass():
+    model = jaxstab.linen.BatchNorm(axis=(1, 2), momentum=0.9)
+    assert "config" not in {f.name for f in dataclasses.fields(model)}  # derived, not an argument
+    assert model == jaxstab.linen.BatchNorm(axis=(1, 2), momentum=0.9)
+    assert hash(model) == hash(jaxstab.linen.BatchNorm(axis=(1, 2), momentum=0.9))
+    clone = model.clone(momentum=0.5)
+    assert clone.config == dataclasses.replace(model.config, momentum=0.5)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        model.clone(momentum=2.0)
+
+
+def test_nnx_config_is_static_and_options_read_and_write_as_attributes():
+    models = [jaxstab.nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(seed)) for seed in (0, 1)]
+    graphdef, state = nnx.split(models[0])
+    assert graphdef == nnx.graphdef(models[1]) and hash(graphdef) == hash(nnx.graphdef(models[1]))
+    assert "config" not in state
+
+    @nnx.jit
+    @chex.assert_max_traces(n=1)
+    def forward(model, x):
+        return model(x)
+
+    x = normal(9, (4, 3))
+    for model in models:  # equal configs: one trace
+        forward(model, x)
+    model = models[0]
+    assert model.momentum == 0.9 and model.epsilon == 1e-5 and model.axis == -1
+    model.momentum = 0.5  # as on flax's module, checked into a new config
+    assert model.config == dataclasses.replace(models[1].config, momentum=0.5)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        model.momentum = 2.0
+    assert model.momentum == 0.5
+    with pytest.raises(AttributeError, match="no attribute 'momentom'"):
+        model.momentom  # noqa: B018

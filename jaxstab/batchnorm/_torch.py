@@ -23,7 +23,7 @@ def momentum_from_torch(torch_momentum: float) -> float:
       ``1 - torch_momentum``.
 
     Example:
-      >>> from jaxstab.nn import momentum_from_torch
+      >>> from jaxstab.batchnorm import momentum_from_torch
       >>> momentum_from_torch(0.1)
       0.9
     """

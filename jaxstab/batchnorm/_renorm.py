@@ -45,7 +45,7 @@ def renorm_correction(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jaxstab.nn import renorm_correction
+      >>> from jaxstab.batchnorm import renorm_correction
       >>> r, d = renorm_correction(jnp.array([2.0]), jnp.array([16.0]), jnp.array([0.0]),
       ...                          jnp.array([4.0]), epsilon=0.0, r_max=3.0, d_max=0.5)
       >>> r, d
@@ -88,7 +88,7 @@ def renorm_schedules(
       ``(r_max_schedule, d_max_schedule)``, functions of the step count.
 
     Example:
-      >>> from jaxstab.nn import renorm_schedules
+      >>> from jaxstab.batchnorm import renorm_schedules
       >>> r_max, d_max = renorm_schedules()
       >>> [float(r_max(s)) for s in (0, 5_000, 22_500, 40_000, 90_000)]
       [1.0, 1.0, 2.0, 3.0, 3.0]

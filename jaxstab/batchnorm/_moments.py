@@ -32,13 +32,7 @@ class Moments(NamedTuple):
 
 
 def canonical_axes(ndim: int, axes: int | Sequence[int], name: str = "axis") -> tuple[int, ...]:
-    """``axes`` as a sorted tuple of distinct non-negative ints; out-of-range axes raise.
-
-    Example:
-      >>> from jaxstab.nn import canonical_axes
-      >>> canonical_axes(4, (-1, 1))
-      (1, 3)
-    """
+    """``axes`` as a sorted tuple of distinct non-negative ints; out-of-range axes raise."""
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
     for a in axes:
         if not -ndim <= a < ndim:
@@ -99,7 +93,7 @@ def moments(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jaxstab.nn import moments
+      >>> from jaxstab.batchnorm import moments
       >>> x = jnp.array([1e5 + 1.0, 1e5 + 2.0, 1e5 + 3.0, 1e5 + 4.0])
       >>> m = moments(x, 0)
       >>> float(m.mean[0]), float(m.var[0]), float(m.count[0])
