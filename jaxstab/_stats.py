@@ -111,8 +111,9 @@ def spread(stats: MeanVar) -> jax.Array:
 
 def z_limit(stats: MeanVar, z_threshold, eps, warmup_steps) -> jax.Array:
     """The largest sample whose z-score ``(x - mean) / (spread + eps)`` is at most
-    ``z_threshold``; +inf during warm-up. Feed a larger sample to :func:`mean_var_update` as this
-    limit: the statistics then learn a lasting change of level (see the module docstring)."""
+    ``z_threshold``; +inf during warm-up. Feed a larger finite sample to :func:`mean_var_update`
+    as this limit (an Inf one must stay rejected): the statistics then learn a lasting change of
+    level (see the module docstring)."""
     limit = stats.mean + as_f32(z_threshold) * (spread(stats) + as_f32(eps))
     return jnp.where(ready(stats, warmup_steps), limit, jnp.inf)
 
