@@ -155,7 +155,7 @@ def test_zscore_clip_learns_a_lasting_level_shift_after_any_warmup(mode):
 
 def test_zscore_clip_zero_steps_leave_the_statistics_alone():
     norms = np.r_[spiky_norms(40, 6, spikes=()), np.zeros(20), spiky_norms(40, 7, spikes=())]
-    final, states, updates = run_jitted(zscore_clip(warmup_steps=10), norms)
+    final, states, _ = run_jitted(zscore_clip(warmup_steps=10), norms)
     ref, _, _ = run_jitted(zscore_clip(warmup_steps=10), norms[norms != 0])
     jax.tree.map(np.testing.assert_array_equal, final.stats, ref.stats)
     assert not np.any(states.clipped[40:60])
