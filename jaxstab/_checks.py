@@ -7,11 +7,14 @@ import numpy as np
 
 
 def _concrete(value):
-    """``value`` as a NumPy array, or None when it is traced or a schedule (checked where it is
-    concrete)."""
+    """``value`` as a NumPy array (of dtype object if it is no array at all), or None when it is
+    traced or a schedule (checked where it is concrete)."""
     if isinstance(value, jax.core.Tracer) or callable(value):
         return None
-    return np.asarray(value)
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError):  # e.g. a ragged list
+        return np.asarray(None)
 
 
 def check_range(name: str, value, *, low=None, high=None, low_open=False, high_open=False):

@@ -6,7 +6,7 @@
 
 The statistics live in :mod:`jaxstab._stats`: float32, inside the graph (no host sync, whole runs
 under ``lax.scan``), and immune to non-finite steps, which give a zero update and leave every
-statistic untouched.
+statistic untouched, and to zero-gradient steps, which never drive a threshold to zero.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _check_common(decay, warmup_steps):
 class ZScoreClipState(NamedTuple):
     """State of :func:`zscore_clip`: running statistics and this step's telemetry."""
 
-    stats: _stats.MeanVar  # count, mean and variance of the (clipped) finite norms
+    stats: _stats.MeanVar  # count, mean and variance of the finite nonzero norms (clipped)
     grad_norm: jax.Array  # float32 global norm of the incoming updates
     scale: jax.Array  # float32 factor applied (1 = untouched, 0 = non-finite step zeroed)
     clipped: jax.Array  # bool, whether the factor was below 1

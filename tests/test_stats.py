@@ -228,7 +228,7 @@ def test_step_count_saturates_instead_of_overflowing(n, want):
 # Hyperparameter checks (shared by every factory, BatchNorm included)
 
 
-@pytest.mark.parametrize("value", [None, "2.5", 1 + 2j, [1.0, None], object()])
+@pytest.mark.parametrize("value", [None, "2.5", 1 + 2j, [1.0, None], [1.0, [2.0]], object()])
 def test_check_range_names_a_non_numeric_value(value):
     with pytest.raises(TypeError, match=r"lr must be a real number in \(0, 1\], got "):
         _checks.check_range("lr", value, low=0, high=1, low_open=True)
