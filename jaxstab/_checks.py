@@ -7,34 +7,40 @@ import numpy as np
 
 
 def _concrete(value):
-    """``value`` as a NumPy scalar, or None when it is traced (checked where it is concrete)."""
+    """``value`` as a NumPy array (of dtype object if it is no array at all), or None when it is
+    traced or a schedule (checked where it is concrete)."""
     if isinstance(value, jax.core.Tracer) or callable(value):
         return None
     try:
         return np.asarray(value)
-    except TypeError:
-        return None
+    except (TypeError, ValueError):  # e.g. a ragged list
+        return np.asarray(None)
 
 
 def check_range(name: str, value, *, low=None, high=None, low_open=False, high_open=False):
-    """Raises ``ValueError`` unless ``value`` lies in the interval; traced values pass.
+    """Raises ``ValueError`` unless ``value`` lies in the interval; traced values and callables
+    (schedules) pass.
 
-    ``low_open``/``high_open`` exclude the bound. ``None`` for a bound means unbounded.
+    ``low_open``/``high_open`` exclude the bound. ``None`` for a bound means unbounded. A value
+    that is not a real number or array of them (``None``, a string, a complex number) raises
+    ``TypeError`` naming the parameter, so an optional hyperparameter is checked only when given.
     """
     v = _concrete(value)
     if v is None:
         return
+    lo = "-inf" if low is None else f"{low}"
+    hi = "inf" if high is None else f"{high}"
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    interval = f"{left}{lo}, {hi}{right}"
+    if v.dtype.kind not in "biuf":  # bool, signed and unsigned integers, floats
+        raise TypeError(f"{name} must be a real number in {interval}, got {value!r}")
     ok = np.all(np.isfinite(v)) or (high is None and np.all(v == np.inf))
     if low is not None:
         ok &= bool(np.all(v > low)) if low_open else bool(np.all(v >= low))
     if high is not None:
         ok &= bool(np.all(v < high)) if high_open else bool(np.all(v <= high))
     if not ok:
-        lo = "-inf" if low is None else f"{low}"
-        hi = "inf" if high is None else f"{high}"
-        left = "(" if low_open or low is None else "["
-        right = ")" if high_open or high is None else "]"
-        interval = f"{left}{lo}, {hi}{right}"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 

@@ -1,33 +1,46 @@
 """Norms of gradient trees: float32, overflow-safe, single pass in the common case.
 
 Everything here is a pure function of arrays; the transforms build on it. Sums of squares are
-accumulated in float32 whatever the leaf dtype. When a sum leaves the range where float32 squares
-are exact (it overflows, or it is so small that squares fall into subnormals), it is computed again
-from values multiplied by a power of two that brings their squares into range, inside a
-``lax.cond`` that runs only in that rare case: the common case reads every gradient once. Norms
-from about 1e-35 up to float32's largest value (3.4e38) come out right; optax's overflow to Inf
-from a norm of 1.8e19 on (float32) or from float16 elements of 256.
+accumulated in float32 for float32 and narrower leaves (float64 once a leaf is float64 or
+complex128, under ``jax_enable_x64``); complex leaves count by their modulus. When a sum leaves the
+range where squares are exact (it overflows, or it is so small that squares fall into subnormals),
+it is computed again from values multiplied by a power of two that brings their squares into range,
+inside a ``lax.cond`` that runs only in that rare case: the common case reads every gradient once.
+Norms from about 1e-35 up to float32's largest value (3.4e38) come out right (float64: 1e-280 to
+1.8e308); optax's overflow to Inf from a norm of 1.8e19 on (float32) or from float16 elements of
+256.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-# Sums of squares inside [_SUMSQ_LO, _SUMSQ_HI] are trusted. The upper bound is float32's largest
-# finite value; the lower one keeps every square that matters above float32's smallest normal
-# (1.2e-38) for trees of up to 1e12 elements, so flushed subnormals cost < 1e-6 relative error.
-_SUMSQ_LO = 1e-20
-_SUMSQ_HI = float(jnp.finfo(jnp.float32).max)
-# Rescue factors (exact powers of two): a sum above _SUMSQ_HI means a norm in [1.8e19, 3.4e38],
-# whose values times 2**-70 have squares in [2e-4, 1e35]; a sum below _SUMSQ_LO means a norm
-# under 1e-10, whose values times 2**70 have squares that sum to at most 1.4e22.
-_DOWN = 2.0**-70
-_UP = 2.0**70
+
+class _Range(NamedTuple):
+    """Where a sum of squares in one accumulation dtype is trusted, and the rescue factors."""
+
+    low: float  # smallest trusted sum
+    high: float  # largest trusted sum: the dtype's largest finite value
+    down: float  # exact power of two for sums above ``high``
+    up: float  # exact power of two for sums below ``low``
+
+
+# float32: the lower bound keeps every square that matters above float32's smallest normal
+# (1.2e-38) for trees of up to 1e12 elements, so flushed subnormals cost < 1e-6 relative error. A
+# sum above the upper one means a norm in [1.8e19, 3.4e38], whose values times 2**-70 have squares
+# in [2e-4, 1e35]; a sum below the lower one means a norm under 1e-10, whose values times 2**70
+# have squares that sum to at most 1.4e22. float64: the same reasoning from its smallest normal
+# (2.2e-308) and largest value (1.8e308).
+_RANGES = {
+    np.dtype(np.float32): _Range(1e-20, float(np.finfo(np.float32).max), 2.0**-70, 2.0**70),
+    np.dtype(np.float64): _Range(1e-280, float(np.finfo(np.float64).max), 2.0**-600, 2.0**600),
+}
 # The global norm's rescue branch reduces leaves of up to _GROUP_LEAF elements in concatenated
 # groups of up to _GROUP_SIZE elements: one reduction per group instead of one per leaf keeps the
 # compile time of trees with thousands of small leaves near optax's, at a temporary of 64 MiB.
@@ -50,21 +63,33 @@ def float_leaves(tree) -> list[jax.Array]:
     return [x for x in leaves if is_array_leaf(x)]
 
 
-def sumsq(x: jax.Array, axis=None, keepdims: bool = False, scale=None) -> jax.Array:
-    """Sum of squared magnitudes of ``x`` (times ``scale``, if given) accumulated in float32."""
-    x32 = jnp.abs(x).astype(jnp.float32) if jnp.iscomplexobj(x) else x.astype(jnp.float32)
+def accumulation_dtype(leaves: Sequence[jax.Array]) -> np.dtype:
+    """float32, or float64 when a leaf is float64 or complex128 (only under ``jax_enable_x64``)."""
+    return np.dtype(jnp.result_type(jnp.float32, *(jnp.finfo(x.dtype).dtype for x in leaves)))
+
+
+def _magnitude(x: jax.Array, dtype) -> jax.Array:
+    """``|x|`` for complex ``x`` (its modulus, not its real part), ``x`` otherwise, as ``dtype``."""
+    return (jnp.abs(x) if jnp.iscomplexobj(x) else x).astype(dtype)
+
+
+def sumsq(x: jax.Array, axis=None, keepdims: bool = False, scale=None, dtype=jnp.float32):
+    """Sum of squared magnitudes of ``x`` (times ``scale``, if given) accumulated in ``dtype``."""
+    x = _magnitude(x, dtype)
     if scale is not None:
-        x32 = x32 * scale
-    return jnp.sum(x32 * x32, axis=axis, keepdims=keepdims)
+        x = x * scale
+    return jnp.sum(x * x, axis=axis, keepdims=keepdims)
 
 
 def _trusted(ssq: jax.Array) -> jax.Array:
-    return (ssq >= _SUMSQ_LO) & (ssq <= _SUMSQ_HI)
+    r = _RANGES[ssq.dtype]
+    return (ssq >= r.low) & (ssq <= r.high)
 
 
 def _rescue_scale(ssq: jax.Array) -> jax.Array:
     """The power of two that brings the squares behind an untrusted ``ssq`` into range."""
-    return jnp.where(ssq > _SUMSQ_HI, _DOWN, _UP).astype(jnp.float32)
+    r = _RANGES[ssq.dtype]
+    return jnp.where(ssq > r.high, r.down, r.up).astype(ssq.dtype)
 
 
 def _psum(x, axis_name):
@@ -72,30 +97,34 @@ def _psum(x, axis_name):
 
 
 def _grouped_sumsq(leaves: Sequence[jax.Array], scale: jax.Array) -> jax.Array:
-    """``sum(sumsq(x, scale=scale) for x in leaves)`` with small leaves reduced in groups."""
+    """``sum(sumsq(x, scale=scale) for x in leaves)`` in ``scale``'s dtype, with small leaves
+    reduced in groups."""
+    dtype = scale.dtype
     parts, group, size = [], [], 0
     for x in leaves:
         if x.size > _GROUP_LEAF:
-            parts.append(sumsq(x, scale=scale))
+            parts.append(sumsq(x, scale=scale, dtype=dtype))
             continue
         if group and size + x.size > _GROUP_SIZE:
-            parts.append(sumsq(jnp.concatenate(group), scale=scale))
+            parts.append(sumsq(jnp.concatenate(group), scale=scale, dtype=dtype))
             group, size = [], 0
-        group.append(jnp.ravel(x).astype(jnp.float32))
+        group.append(_magnitude(jnp.ravel(x), dtype))
         size += x.size
     if group:
-        parts.append(sumsq(jnp.concatenate(group), scale=scale))
+        parts.append(sumsq(jnp.concatenate(group), scale=scale, dtype=dtype))
     return sum(parts)
 
 
 def global_norm(tree, *, axis_name: AxisName = None) -> jax.Array:
-    """L2 norm of all floating-point leaves of ``tree`` as a float32 scalar.
+    """L2 norm of all floating-point leaves of ``tree`` as a float32 scalar (float64 if a leaf is).
 
     Unlike ``optax.global_norm``, the result is right for every norm float32 represents: float16
     leaves of 300 or float32 leaves of 1e20 (whose squares overflow) and tiny gradients (whose
     squares underflow) are summed again from values rescaled by a power of two, in a branch that
-    runs only then. ``None`` leaves and ``optax.MaskedNode`` are ignored, integer leaves skipped;
-    a NaN anywhere gives NaN and an Inf (without NaN) gives Inf.
+    runs only then. Complex leaves count by their modulus. Float64 leaves (under
+    ``jax_enable_x64``) are summed in float64, so a finite float64 gradient of 1e39 or 1e-40 has a
+    finite, nonzero norm. ``None`` leaves and ``optax.MaskedNode`` are ignored, integer leaves
+    skipped; a NaN anywhere gives NaN and an Inf (without NaN) gives Inf.
 
     Args:
       tree: a pytree of arrays (gradients, updates, parameters).
@@ -103,7 +132,7 @@ def global_norm(tree, *, axis_name: AxisName = None) -> jax.Array:
         mapped axis name(s) to reduce over: the norm is then global, with one ``psum``.
 
     Returns:
-      A float32 scalar.
+      A float32 scalar; float64 when a leaf is float64 or complex128.
 
     Example:
       >>> import jax.numpy as jnp, jaxstab
@@ -117,7 +146,8 @@ def global_norm(tree, *, axis_name: AxisName = None) -> jax.Array:
     leaves = float_leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    ssq = _psum(sum(sumsq(x) for x in leaves), axis_name)
+    dtype = accumulation_dtype(leaves)
+    ssq = _psum(sum(sumsq(x, dtype=dtype) for x in leaves), axis_name)
 
     def rescue(s):
         scale = _rescue_scale(s)
@@ -132,7 +162,8 @@ def unit_norms(
     *,
     axis_name: AxisName = None,
 ) -> list[jax.Array]:
-    """Per-unit float32 L2 norms of each leaf, reduced over its ``axes`` (kept as size-1 dims).
+    """Per-unit L2 norms of each leaf, reduced over its ``axes`` (kept as size-1 dims), in the
+    :func:`accumulation_dtype` of all ``leaves`` (float32 unless one is float64).
 
     Overflow-safe like :func:`global_norm`, with one rescue branch for all leaves that runs only
     when some unit needs it. A unit whose squares all underflow to exactly 0 keeps norm 0 (for
@@ -142,8 +173,9 @@ def unit_norms(
     """
     if not leaves:
         return []
+    dtype = accumulation_dtype(leaves)
     ssq = [
-        _psum(sumsq(x, axis=a, keepdims=True), axis_name)
+        _psum(sumsq(x, axis=a, keepdims=True, dtype=dtype), axis_name)
         for x, a in zip(leaves, axes, strict=True)
     ]
     bad = [~(_trusted(s) | (s == 0)) for s in ssq]
@@ -152,7 +184,8 @@ def unit_norms(
         out = []
         for x, a, s, b in zip(leaves, axes, ssq, bad, strict=True):
             scale = _rescue_scale(s)
-            exact = jnp.sqrt(_psum(sumsq(x, axis=a, keepdims=True, scale=scale), axis_name))
+            exact = _psum(sumsq(x, axis=a, keepdims=True, scale=scale, dtype=dtype), axis_name)
+            exact = jnp.sqrt(exact)
             out.append(jnp.where(b, exact / scale, jnp.sqrt(s)))
         return out
 
@@ -161,12 +194,13 @@ def unit_norms(
 
 
 def clip_factor(norm: jax.Array, max_norm) -> jax.Array:
-    """Float32 factor that brings ``norm`` down to ``max_norm``: ``min(1, max_norm / norm)``.
+    """Factor that brings ``norm`` down to ``max_norm``: ``min(1, max_norm / norm)``, in
+    ``norm``'s dtype (float32, or float64 for the norm of float64 leaves).
 
     Exactly 1 when ``norm <= max_norm`` (the update is untouched) and 0 when ``norm`` is not
     finite (the update becomes zeros, never NaN). Works elementwise on per-unit norms too.
     """
-    max_norm = jnp.asarray(max_norm, jnp.float32)
+    max_norm = jnp.asarray(max_norm, norm.dtype)
     over = norm > max_norm
     factor = jnp.where(over, max_norm / jnp.where(over, norm, 1.0), 1.0)
     return jnp.where(jnp.isfinite(norm), factor, 0.0)
@@ -175,9 +209,9 @@ def clip_factor(norm: jax.Array, max_norm) -> jax.Array:
 def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
     """``x * factor`` in ``x``'s dtype, multiplied in float32 (at least), zero where factor is 0.
 
-    ``factor`` is a float32 scalar or broadcastable per-unit array. A factor of 0 gives exact
-    zeros even where ``x`` is NaN/Inf, so a rejected step cannot leak a NaN; the select has a
-    scalar-shaped predicate, which XLA fuses into the consumer (the optimizer's update).
+    ``factor`` is a float32 (or float64) scalar or broadcastable per-unit array. A factor of 0
+    gives exact zeros even where ``x`` is NaN/Inf, so a rejected step cannot leak a NaN; the select
+    has a scalar-shaped predicate, which XLA fuses into the consumer (the optimizer's update).
     """
     wide = jnp.promote_types(x.dtype, jnp.float32)
     scaled = (x.astype(wide) * factor).astype(x.dtype)
@@ -253,7 +287,8 @@ def flax_unit_axes(path: KeyPath, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def leaf_norms(leaves: Sequence[jax.Array], *, axis_name=None) -> jax.Array:
-    """Float32 L2 norm of each array in ``leaves``, as a vector of shape ``(len(leaves),)``.
+    """L2 norm of each array in ``leaves``, as a vector of shape ``(len(leaves),)`` (float32 unless
+    a leaf is float64).
 
     Overflow-safe like :func:`global_norm` (:func:`unit_norms` over whole leaves). With
     ``axis_name`` (inside ``shard_map``/``pmap``) each norm is taken over the leaf's shards on all

@@ -2,16 +2,28 @@
 
 Pure functions over small ``NamedTuple`` states of float32/int32 arrays: no Python lists, no host
 sync, so a whole run works under ``jit`` and ``lax.scan``. Every update takes an ``accept`` flag and
-leaves the state bit-for-bit unchanged when it is false or when the sample is not finite: a NaN or
-Inf step can never poison the statistics.
+leaves the state bit-for-bit unchanged when it is false, when the sample is not finite, or when it
+is exactly 0 (a step that carried no gradient: a frozen model, a fully masked step): a NaN or Inf
+step can never poison the statistics, and zero steps never drive them to zero.
 
 - :class:`MeanVar`: mean and variance of a scalar stream. The first ``warmup_steps`` accepted
   samples give the exact mean and population variance (Welford's recurrence, no buffer); after
-  that both follow exponential moving averages (ZClip's statistics). Used by ``zscore_clip`` and
-  ``skip_anomalies``.
+  that both follow exponential moving averages (ZClip's statistics). :func:`z_limit` turns them
+  into a threshold. Used by ``zscore_clip`` and ``skip_anomalies``.
 - :func:`ema`: one exponential-moving-average step, also used per tensor by ``adagc``.
 - :class:`P2Quantile`: a streaming quantile in 16 numbers (the P-square algorithm), used by
   ``quantile_clip``.
+- :func:`step_count`: a step-count hyperparameter such as ``warmup_steps`` as int32; counts past
+  int32's range (``2**31``, ``float("inf")``) saturate, i.e. are never reached.
+
+**Level shifts.** A z-score threshold learns only from what it lets through, so two histories
+would freeze it: a warm-up of identical norms (standard deviation 0, every later norm an outlier)
+and an outlier clipped to about the mean (the statistics then learn the mean again). Here the
+standard deviation used in z-scores is at least ``MIN_SPREAD`` (1%) of the mean, and a sample above
+the threshold is learned as the threshold itself, not as the value it was clipped to: each such
+step raises the mean by at least a factor ``1 + (1 - decay) * z_threshold / 100`` and (for
+``z_threshold > 1``) widens the band geometrically, so a lasting change of level is learned in a
+number of steps that grows with the logarithm of the change (see ``zscore_clip``).
 """
 
 from __future__ import annotations
@@ -20,10 +32,15 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 _F32 = jnp.float32
 _TINY = float(jnp.finfo(jnp.float32).tiny)
+_COUNT_MAX = int(jnp.iinfo(jnp.int32).max)
+# Smallest standard deviation used in z-scores, relative to the mean: it binds only for histories
+# of nearly equal norms (relative spread under 1%), which would otherwise freeze the threshold.
+MIN_SPREAD = 0.01
 
 
 def as_f32(x) -> jax.Array:
@@ -35,6 +52,19 @@ def as_f32(x) -> jax.Array:
 def select(accept: jax.Array, new, old):
     """``new`` where the scalar ``accept`` holds, else ``old`` (leaf by leaf, bit-exact)."""
     return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
+
+
+def step_count(n) -> jax.Array:
+    """A number of steps (``int``, ``float`` or array, possibly ``inf``) as an int32 scalar.
+
+    Counts past int32's largest value saturate at it: ``warmup_steps=float("inf")`` or ``2**40``
+    means a warm-up that never ends (the step counters saturate too, after 2.1e9 steps).
+    """
+    if not isinstance(n, jax.Array):
+        return jnp.asarray(np.minimum(np.asarray(n, np.float64), _COUNT_MAX).astype(np.int32))
+    if jnp.issubdtype(n.dtype, jnp.integer):
+        return jnp.minimum(n, _COUNT_MAX).astype(jnp.int32)
+    return jnp.where(n >= _COUNT_MAX, _COUNT_MAX, n.astype(jnp.int32))  # float: inf, 3e9
 
 
 def ema(mean: jax.Array, x: jax.Array, decay) -> jax.Array:
@@ -62,7 +92,7 @@ def mean_var_init() -> MeanVar:
 
 def warmup_length(warmup_steps) -> jax.Array:
     """Samples that seed the statistics: ``warmup_steps``, at least 1 (a mean needs a sample)."""
-    return jnp.maximum(jnp.asarray(warmup_steps, jnp.int32), 1)
+    return jnp.maximum(step_count(warmup_steps), 1)
 
 
 def ready(stats: MeanVar, warmup_steps) -> jax.Array:
@@ -74,15 +104,29 @@ def std(stats: MeanVar) -> jax.Array:
     return jnp.sqrt(jnp.maximum(stats.var, 0.0))
 
 
+def spread(stats: MeanVar) -> jax.Array:
+    """The standard deviation that z-scores use: at least ``MIN_SPREAD`` times the mean."""
+    return jnp.maximum(std(stats), MIN_SPREAD * stats.mean)
+
+
+def z_limit(stats: MeanVar, z_threshold, eps, warmup_steps) -> jax.Array:
+    """The largest sample whose z-score ``(x - mean) / (spread + eps)`` is at most
+    ``z_threshold``; +inf during warm-up. Feed a larger finite sample to :func:`mean_var_update`
+    as this limit (an Inf one must stay rejected): the statistics then learn a lasting change of
+    level (see the module docstring)."""
+    limit = stats.mean + as_f32(z_threshold) * (spread(stats) + as_f32(eps))
+    return jnp.where(ready(stats, warmup_steps), limit, jnp.inf)
+
+
 def mean_var_update(stats: MeanVar, x, *, decay, warmup_steps, accept=True) -> MeanVar:
-    """Adds the sample ``x`` unless ``accept`` is false or ``x`` is not finite.
+    """Adds the sample ``x`` unless ``accept`` is false or ``x`` is not finite or exactly 0.
 
     While fewer than ``warmup_length(warmup_steps)`` samples were accepted, ``mean``/``var`` are
     the exact mean and population variance of the samples so far (Welford). After that:
     ``mean <- ema(mean, x)``, then ``var <- ema(var, (x - mean)**2)`` with the new mean.
     """
     x = as_f32(x)
-    accept = jnp.asarray(accept) & jnp.isfinite(x)
+    accept = jnp.asarray(accept) & jnp.isfinite(x) & (x != 0)
     n = (stats.count + 1).astype(_F32)
     delta = x - stats.mean
     welford_mean = stats.mean + delta / n
@@ -156,14 +200,15 @@ def _p2_step(state: P2Quantile, y: jax.Array, p: jax.Array) -> P2Quantile:
 
 def p2_update(state: P2Quantile, x, p, accept=True) -> P2Quantile:
     """Adds the sample ``x >= 0`` to the estimate of the ``p``-quantile, unless ``accept`` is false
-    or ``x`` is not finite.
+    or ``x`` is not finite or exactly 0 (a step without gradient says nothing about the norms to
+    expect, and would pull the quantile toward float32's smallest value).
 
     Runs on ``log(max(x, tiny))``: quantiles commute with the logarithm, gradient norms are far
     closer to log-normal than to normal (so P-square's parabolic interpolation fits better), and a
     finite spike of any size moves the interpolated markers by its logarithm only.
     """
     x, p = as_f32(x), as_f32(p)
-    accept = jnp.asarray(accept) & jnp.isfinite(x)
+    accept = jnp.asarray(accept) & jnp.isfinite(x) & (x != 0)
     y = jnp.log(jnp.maximum(x, _TINY))
     filling = P2Quantile(
         state.count,

@@ -6,7 +6,7 @@
 
 The statistics live in :mod:`jaxstab._stats`: float32, inside the graph (no host sync, whole runs
 under ``lax.scan``), and immune to non-finite steps, which give a zero update and leave every
-statistic untouched.
+statistic untouched, and to zero-gradient steps, which never drive a threshold to zero.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _check_common(decay, warmup_steps):
 class ZScoreClipState(NamedTuple):
     """State of :func:`zscore_clip`: running statistics and this step's telemetry."""
 
-    stats: _stats.MeanVar  # count, mean and variance of the (clipped) finite norms
+    stats: _stats.MeanVar  # count, mean and variance of the finite nonzero norms (clipped)
     grad_norm: jax.Array  # float32 global norm of the incoming updates
     scale: jax.Array  # float32 factor applied (1 = untouched, 0 = non-finite step zeroed)
     clipped: jax.Array  # bool, whether the factor was below 1
@@ -56,29 +56,45 @@ def zscore_clip(
 ) -> optax.GradientTransformationExtraArgs:
     """Z-score clipping (ZClip): clips gradient norms that are outliers of the run's own history.
 
-    The first ``warmup_steps`` finite steps are left alone (except by ``max_norm``) while their
-    norms seed the mean ``mu`` and population variance ``var``, accumulated in float32 inside the
-    graph (Welford's recurrence, no buffer). After that, a norm ``g`` with
-    ``z = (g - mu) / (sqrt(var) + eps) > z_threshold`` is clipped to ``tau``:
+    The first ``warmup_steps`` finite, nonzero steps are left alone (except by ``max_norm``) while
+    their norms seed the mean ``mu`` and population variance ``var``, accumulated in float32 inside
+    the graph (Welford's recurrence, no buffer). After that, with ``sd = max(sqrt(var), mu / 100)``,
+    a norm ``g`` with ``z = (g - mu) / (sd + eps) > z_threshold`` is clipped to ``tau``:
 
     - ``mode="reciprocal"`` (ZClip's adaptive scaling):
-      ``tau = mu + z_threshold**2 * sqrt(var) / z``, so larger spikes are clipped harder;
-    - ``mode="threshold"``: ``tau = mu + z_threshold * sqrt(var)``;
+      ``tau = mu + z_threshold**2 * sd / z``, so larger spikes are clipped harder;
+    - ``mode="threshold"``: ``tau = mu + z_threshold * sd``;
     - ``mode="mean"``: ``tau = mu``.
 
     ``max_norm``, if given, caps the result too. The statistics then follow exponential moving
-    averages of the clipped norm ``v = min(g, tau)``: ``mu <- decay * mu + (1 - decay) * v`` and
+    averages of ``v = min(g, threshold)``, where ``threshold = mu + z_threshold * (sd + eps)`` is
+    the largest norm left untouched: ``mu <- decay * mu + (1 - decay) * v`` and
     ``var <- decay * var + (1 - decay) * (v - mu)**2`` with the new ``mu``.
 
-    Unlike the reference implementation, a NaN/Inf step gives an all-zero update and leaves the
-    statistics (and the warm-up count) untouched instead of poisoning them forever, and nothing
-    leaves the device: a whole run works under ``jit`` and ``lax.scan``. ``warmup_steps=0`` acts as
-    1: the statistics need one norm. The update is one scalar multiply, fused into the optimizer's.
+    Three departures from the reference implementation, each a way it stops training for good:
+
+    - ZClip learns the clipped value ``tau``, which in ``"reciprocal"`` and ``"mean"`` modes is
+      about ``mu`` for a large jump, and uses ``sd = sqrt(var)``, which is 0 after a warm-up of
+      equal norms: a lasting rise of the norm's level is then clipped back forever. Here a
+      clipped step raises the mean by at least a factor ``1 + (1 - decay) * z_threshold / 100``
+      and widens the band geometrically, so a lasting change of level is learned in a number of
+      steps that grows with its logarithm. With the defaults, after a warm-up of equal norms, a
+      jump by 2x stops being clipped within 60 steps, by 1000x within 160 steps; on ordinary
+      histories (spread above 1% of the mean) the clip is ZClip's.
+    - A step whose gradient is exactly zero (a frozen model, a masked step) is not a sample: it
+      counts neither for the statistics nor for the warm-up, instead of driving both to 0.
+    - A NaN/Inf step gives an all-zero update and leaves the statistics (and the warm-up count)
+      untouched instead of poisoning them forever.
+
+    Nothing leaves the device: a whole run works under ``jit`` and ``lax.scan``. ``warmup_steps=0``
+    acts as 1 (the statistics need one norm); ``float("inf")`` means warm-up never ends. The update
+    is one scalar multiply, fused into the optimizer's.
 
     Args:
       z_threshold: z-score above which a norm is clipped; ``> 0``.
       decay: EMA decay of the statistics (ZClip's ``alpha``), in ``[0, 1)``.
-      warmup_steps: finite steps that seed the statistics before any clipping; ``>= 0``.
+      warmup_steps: finite, nonzero steps that seed the statistics before any clipping;
+        ``>= 0``, possibly ``float("inf")``.
       mode: ``"reciprocal"``, ``"threshold"`` or ``"mean"`` (see above).
       max_norm: optional fixed cap on the global norm, applied at every step (warm-up included).
       eps: added to the standard deviation in the z-score; ``>= 0``.
@@ -123,30 +139,35 @@ def zscore_clip(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        z_thr, eps_ = _stats.as_f32(z_threshold), _stats.as_f32(eps)
+        z_thr = _stats.as_f32(z_threshold)
         norm = _norms.global_norm(updates, axis_name=axis_name)
         stats = state.stats
-        mu, sd = stats.mean, _stats.std(stats)
-        ready = _stats.ready(stats, warmup_steps)
-        z = (norm - mu) / (sd + eps_)
-        over = ready & (z > z_thr)
+        mu, sd = stats.mean, _stats.spread(stats)
+        limit = _stats.z_limit(stats, z_thr, eps, warmup_steps)  # +inf in warm-up
+        over = norm > limit
         if mode == "reciprocal":
+            z = (norm - mu) / (sd + _stats.as_f32(eps))
             tau = mu + z_thr * z_thr * sd / jnp.where(over, z, 1.0)
         elif mode == "threshold":
             tau = mu + z_thr * sd
         else:
             tau = mu
-        clipped_norm = jnp.where(over, tau, norm)  # min(g, tau): tau < g whenever over
-        threshold = jnp.where(ready, mu + z_thr * (sd + eps_), jnp.inf)
-        target = clipped_norm
+        target = jnp.where(over, tau, norm)  # min(g, tau): tau < g whenever over
+        threshold = limit
         if max_norm is not None:
             target = jnp.minimum(target, _stats.as_f32(max_norm))
             threshold = jnp.minimum(threshold, _stats.as_f32(max_norm))
         scale = _norms.clip_factor(norm, target)
         stats = _stats.mean_var_update(
-            stats, clipped_norm, decay=decay, warmup_steps=warmup_steps, accept=jnp.isfinite(norm)
+            stats,
+            jnp.minimum(norm, limit),  # an Inf norm would be learned as the limit
+            decay=decay,
+            warmup_steps=warmup_steps,
+            accept=jnp.isfinite(norm),
         )
-        new_state = ZScoreClipState(stats, norm, scale, scale < 1, threshold)
+        new_state = ZScoreClipState(
+            stats, _stats.as_f32(norm), _stats.as_f32(scale), scale < 1, _stats.as_f32(threshold)
+        )
         return _norms.scale_tree(updates, scale), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -177,7 +198,7 @@ def quantile_clip(
 ) -> optax.GradientTransformationExtraArgs:
     """Quantile clipping (AutoClip): clips the global norm to a running quantile of past norms.
 
-    After ``warmup_steps`` finite steps (left alone), each update is clipped to global norm
+    After ``warmup_steps`` finite, nonzero steps (left alone), each update is clipped to global norm
     ``q``, the ``quantile`` of all past finite norms, so about ``1 - quantile`` of the steps are
     clipped. AutoClip keeps every past norm (memory grows with the run); here the quantile is
     streamed by the P-square algorithm (Jain & Chlamtac 1985): 5 markers, 16 numbers of state
@@ -188,12 +209,16 @@ def quantile_clip(
     0.99; 10 seeds each) the final estimate's rank among all norms is within 0.3 points of
     ``quantile`` on average (0.7 at worst), and the share of steps 1000-3000 that get clipped is
     within 0.7 points of ``1 - quantile``; a norm of 1e30 in the stream moves the estimate by
-    under 3%. A non-finite step gives an all-zero update and does not enter the estimate.
+    under 3%. A non-finite step gives an all-zero update and does not enter the estimate; nor does
+    a step whose gradient is exactly zero, which counts for the warm-up neither (a run of such
+    steps would otherwise pull the quantile toward float32's smallest value and clip the next
+    real steps to nothing).
 
     Args:
       quantile: which quantile of past norms to clip to, in ``(0, 1)``; may be injected with
         ``optax.inject_hyperparams``.
-      warmup_steps: finite steps that only feed the estimate before any clipping; ``>= 0``.
+      warmup_steps: finite, nonzero steps that only feed the estimate before any clipping;
+        ``>= 0``, possibly ``float("inf")`` (never clip).
       axis_name: inside ``shard_map``/``pmap`` with the tree sharded across devices, the mapped
         axis name(s): the norm becomes global with one ``psum``.
 
@@ -231,13 +256,14 @@ def quantile_clip(
         del params, extra_args
         norm = _norms.global_norm(updates, axis_name=axis_name)
         est = state.quantile
-        ready = est.count >= jnp.asarray(warmup_steps, jnp.int32)
+        ready = est.count >= _stats.step_count(warmup_steps)
         threshold = jnp.where(ready, _stats.p2_estimate(est, quantile), jnp.inf)
         scale = _norms.clip_factor(norm, threshold)
         est = _stats.p2_update(est, norm, quantile)
-        return _norms.scale_tree(updates, scale), QuantileClipState(
-            est, norm, scale, scale < 1, threshold
+        new_state = QuantileClipState(
+            est, _stats.as_f32(norm), _stats.as_f32(scale), scale < 1, threshold
         )
+        return _norms.scale_tree(updates, scale), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -270,8 +296,11 @@ def adagc(
     ``warmup_max_norm`` and each tensor's threshold ``ema`` is the minimum of its clipped norms.
     After that each tensor ``i`` is scaled on its own by
     ``h_i = min(1, relative * ema_i / norm_i)`` and ``ema_i <- decay * ema_i + (1 - decay) *
-    norm_i * h_i``, so a spike in one tensor clips that tensor only. Defaults are the paper's
-    (``lambda_rel = 1.05``, ``beta = 0.98``, 100 warm-up steps with ``lambda_abs = 1.0``).
+    norm_i * h_i``, so a spike in one tensor clips that tensor only, and a lasting rise of a
+    tensor's norm is learned at the rate the paper chose: while clipped, its threshold grows by a
+    factor ``1 + (1 - decay) * (relative - 1)`` per step (2x takes 645 steps with the defaults).
+    Defaults are the paper's (``lambda_rel = 1.05``, ``beta = 0.98``, 100 warm-up steps with
+    ``lambda_abs = 1.0``).
 
     Two guards the paper lacks: a non-finite step gives an all-zero update and leaves every
     threshold untouched; and a tensor whose gradient is exactly zero (a zero-initialised branch
@@ -282,7 +311,8 @@ def adagc(
     Args:
       relative: per-tensor threshold as a multiple of its EMA (``lambda_rel``); ``> 0``.
       decay: EMA decay (``beta``), in ``[0, 1)``.
-      warmup_steps: finite steps of global clipping that seed the thresholds; ``>= 0``.
+      warmup_steps: finite steps of global clipping that seed the thresholds; ``>= 0``, possibly
+        ``float("inf")`` (a global clip for good).
       warmup_max_norm: global-norm bound during warm-up (``lambda_abs``); ``>= 0``.
       axis_name: inside ``shard_map``/``pmap`` with the tree sharded across devices, the mapped
         axis name(s): each tensor's norm becomes global with one ``psum``.
@@ -335,7 +365,7 @@ def adagc(
         norm = _norms.global_norm(norms)
         finite = jnp.isfinite(norm)
         ema = state.ema
-        warm = state.count < jnp.asarray(warmup_steps, jnp.int32)
+        warm = state.count < _stats.step_count(warmup_steps)
         factors = jnp.where(
             warm,
             _norms.clip_factor(norm, warmup_max_norm),
@@ -346,15 +376,14 @@ def adagc(
         new_ema = jnp.where(
             warm | jnp.isinf(ema), jnp.minimum(ema, clipped), _stats.ema(ema, clipped, decay)
         )
-        ema = jnp.where(finite & (norms > 0), new_ema, ema)
+        ema = jnp.where(finite & (norms > 0), new_ema, ema).astype(jnp.float32)
         factor_of = iter(factors[i] for i in range(len(grads)))
         new_leaves = [
             _norms.scale_leaf(x, next(factor_of)) if _norms.is_array_leaf(x) else x for x in leaves
         ]
         fraction = jnp.mean((factors < 1).astype(jnp.float32)) if grads else jnp.zeros(())
-        new_state = AdagcState(
-            jnp.where(finite, optax.safe_increment(state.count), state.count), ema, norm, fraction
-        )
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+        new_state = AdagcState(count, ema, _stats.as_f32(norm), fraction)
         return jax.tree.unflatten(treedef, new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -73,7 +73,9 @@ def clip_by_global_norm(
         del state, params, extra_args
         norm = _norms.global_norm(updates, axis_name=axis_name)
         scale = _norms.clip_factor(norm, max_norm)
-        return _norms.scale_tree(updates, scale), ClipByGlobalNormState(norm, scale, scale < 1)
+        f32 = lambda x: x.astype(jnp.float32)  # telemetry; the norm is float64 for float64 leaves
+        new_state = ClipByGlobalNormState(f32(norm), f32(scale), scale < 1)
+        return _norms.scale_tree(updates, scale), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -217,7 +219,8 @@ def adaptive_grad_clip(
             for i, g in enumerate(leaves_g)
         ]
         units = sum(n.size for n in g_norms)
-        state = AdaptiveGradClipState(grad_norm, clipped.astype(jnp.float32) / max(units, 1))
+        fraction = clipped.astype(jnp.float32) / max(units, 1)
+        state = AdaptiveGradClipState(grad_norm.astype(jnp.float32), fraction)
         return jax.tree.unflatten(treedef, new_leaves), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

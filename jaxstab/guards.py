@@ -143,12 +143,14 @@ def skip_anomalies(
     for bit: Adam's moments and step count do not move), so the step never happened.
 
     The statistics are those of :func:`jaxstab.zscore_clip` (exact mean and variance over the
-    warm-up, EMAs with ``decay`` after) and learn from accepted norms. A non-finite or over
-    ``max_norm`` step never touches them, so unlike the skip wrappers that keep a window of raw
-    norms, one NaN does not make the following healthy steps look anomalous. A step skipped for
-    its z-score enters them clipped to the threshold (as ZClip's statistics do): a few spikes only
-    widen the band, and a lasting change of the norm's level (a new data mix, unfrozen layers) is
-    learned within a few dozen steps instead of skipping every later step.
+    warm-up, EMAs with ``decay`` after, a standard deviation of at least 1% of the mean) and learn
+    from accepted norms. A non-finite or over ``max_norm`` step never touches them, so unlike the
+    skip wrappers that keep a window of raw norms, one NaN does not make the following healthy
+    steps look anomalous; nor does a step with exactly zero gradient (it counts neither for the
+    statistics nor for the warm-up). A step skipped for its z-score enters them clipped to the
+    threshold: a few spikes only widen the band, and a lasting change of the norm's level (a new
+    data mix, unfrozen layers) is learned instead of skipping every later step -- with the
+    defaults, after a warm-up of equal norms, a jump by 2x within 25 steps and by 1000x within 70.
 
     Cost: one global norm, and one select per inner-state leaf with a scalar predicate that XLA
     fuses into the inner optimizer's own elementwise update (no state copy).
@@ -157,8 +159,8 @@ def skip_anomalies(
       inner: the transformation to guard, e.g. ``optax.adam(1e-3)``.
       z_threshold: z-score above which a step is skipped; ``> 0``.
       decay: EMA decay of the norm statistics, in ``[0, 1)``.
-      warmup_steps: accepted steps that seed the statistics before z-scores are judged; ``>= 0``
-        (0 acts as 1).
+      warmup_steps: accepted nonzero steps that seed the statistics before z-scores are judged;
+        ``>= 0`` (0 acts as 1; ``float("inf")``: never, only non-finite and ``max_norm`` skips).
       max_norm: optional fixed bound: steps with a larger global norm are skipped; ``>= 0``.
       eps: added to the standard deviation in the z-score; ``>= 0``.
       axis_name: inside ``shard_map``/``pmap`` with the tree sharded across devices, the mapped
@@ -206,8 +208,7 @@ def skip_anomalies(
     def update_fn(updates, state, params=None, **extra_args):
         norm = _norms.global_norm(updates, axis_name=axis_name)
         stats = state.stats
-        z_limit = stats.mean + _stats.as_f32(z_threshold) * (_stats.std(stats) + _stats.as_f32(eps))
-        z_limit = jnp.where(_stats.ready(stats, warmup_steps), z_limit, jnp.inf)
+        z_limit = _stats.z_limit(stats, z_threshold, eps, warmup_steps)
         threshold = z_limit
         learn = jnp.isfinite(norm)
         if max_norm is not None:

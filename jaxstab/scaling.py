@@ -72,9 +72,11 @@ def normalize_by_global_norm(
     def update_fn(updates, state, params=None, **extra_args):
         del state, params, extra_args
         norm = _norms.global_norm(updates, axis_name=axis_name)
-        target_ = jnp.asarray(target, jnp.float32)
-        scale = target_ / jnp.maximum(norm, jnp.asarray(eps, jnp.float32))
+        target_ = jnp.asarray(target, norm.dtype)  # float64 for float64 leaves
+        scale = target_ / jnp.maximum(norm, jnp.asarray(eps, norm.dtype))
         scale = jnp.where(jnp.isfinite(norm) & (norm > 0), scale, 0.0)
-        return _norms.scale_tree(updates, scale), NormalizeByGlobalNormState(norm, scale)
+        f32 = lambda x: x.astype(jnp.float32)  # telemetry
+        new_state = NormalizeByGlobalNormState(f32(norm), f32(scale))
+        return _norms.scale_tree(updates, scale), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -54,27 +54,37 @@ def spiky_norms(n, seed, spikes=(40, 41, 90)):
 
 
 def zclip_reference(norms, z_threshold, decay, warmup_steps, mode, max_norm, eps):
-    """ZClip in float64, one step at a time, as specified; returns the scale of each step."""
+    """ZClip in float64, one step at a time, as specified; returns the scale of each step.
+
+    With jaxstab's three documented changes, each of which ZClip's paper lacks: the standard
+    deviation is at least 1% of the mean; a clipped norm is learned as the threshold
+    ``mu + z_threshold * (sd + eps)`` (ZClip learns the clip target, which in the "reciprocal" and
+    "mean" modes is about ``mu`` and so locks out a lasting rise of the norm); zero norms are not
+    samples. On these spiky histories only the second one matters: it changes the scales of the
+    steps after a spike in the "reciprocal" and "mean" modes.
+    """
     buffer, mu, var, scales = [], None, None, []
     for g in map(float, norms):
         if not math.isfinite(g):
             scales.append(0.0)
             continue
-        v = g
-        if mu is None:
-            buffer.append(g)
-        else:
-            sd = math.sqrt(var)
+        v = target = g
+        if mu is not None:
+            sd = max(math.sqrt(var), mu / 100)
             z = (g - mu) / (sd + eps)
             if z > z_threshold:
-                v = {
+                target = {
                     "reciprocal": mu + z_threshold**2 * sd / z,
                     "threshold": mu + z_threshold * sd,
                     "mean": mu,
                 }[mode]
-        target = v if max_norm is None else min(v, max_norm)
+                v = mu + z_threshold * (sd + eps)
+        target = target if max_norm is None else min(target, max_norm)
         scales.append(target / g if g > target else 1.0)
+        if g == 0:
+            continue
         if mu is None:
+            buffer.append(g)
             if len(buffer) >= max(warmup_steps, 1):
                 mu, var = float(np.mean(buffer)), float(np.var(buffer))
         else:
@@ -96,6 +106,78 @@ def test_zscore_clip_matches_numpy_reference(mode, warmup_steps, max_norm, seed)
     np.testing.assert_allclose(states.scale, expected, rtol=2e-4)
     assert bool(states.clipped[40])  # the spikes are clipped...
     assert not bool(states.clipped[60])  # ...and healthy steps after them are not
+
+
+# --------------------------------------------------------------------------------------------
+# Histories that freeze ZClip for good: zero or equal norms in warm-up, a lasting level shift
+
+LEAD = 30  # warm-up history length, then 5000 steps at the new level
+HISTORIES = {  # name: (norms over the first LEAD steps, norm after them)
+    "zeros then 1": (np.zeros(LEAD), 1.0),
+    "ones then 2": (np.ones(LEAD), 2.0),
+    "ones then 1000": (np.ones(LEAD), 1000.0),
+    "lognormal then 10": (spiky_norms(LEAD, 5, spikes=()), 10.0),
+    "1e-30 then 1": (np.full(LEAD, 1e-30), 1.0),
+}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def run_histories(tx):
+    """Update norm over gradient norm (1 for zero gradients) of ``tx`` at every step of every
+    history of HISTORIES, in one compile (vmapped)."""
+    norms = np.stack([np.r_[lead, np.full(5000, level)] for lead, level in HISTORIES.values()])
+    norms = jnp.asarray(norms, jnp.float32)
+    updates = jax.vmap(lambda n: run(tx, n)[2])(norms)
+    out = jnp.sqrt(jnp.square(updates["a"][..., 0]) + jnp.square(updates["b"][..., 0]))
+    return jnp.where(norms > 0, out / jnp.where(norms > 0, norms, 1.0), 1.0)
+
+
+def last_clipped_step_after_lead(scales) -> dict[str, int]:
+    """Per history, steps after LEAD until the last one scaled down by more than rounding."""
+    scales = np.asarray(scales)[:, LEAD:]
+    return {
+        name: int(np.flatnonzero(s < 1 - 1e-5).max(initial=-1)) + 1
+        for name, s in zip(HISTORIES, scales, strict=True)
+    }
+
+
+@pytest.mark.parametrize("mode", ["reciprocal", "threshold", "mean"])
+def test_zscore_clip_learns_a_lasting_level_shift_after_any_warmup(mode):
+    """ZClip (and jaxstab before the fix) gave zero updates for good after 30 zero steps, and
+    capped 2.0 at 1.0 for good after 30 steps at 1.0, in all three modes."""
+    steps = last_clipped_step_after_lead(run_histories(zscore_clip(mode=mode)))
+    assert steps["zeros then 1"] == 0  # zero steps are not samples: warm-up starts at step 30
+    assert 0 < steps["ones then 2"] <= 60  # the docstring's bounds
+    assert 0 < steps["ones then 1000"] <= 160
+    assert steps["lognormal then 10"] <= 60
+    assert steps["1e-30 then 1"] <= 300  # a jump by 1e30: logarithmic in the jump
+
+
+def test_zscore_clip_zero_steps_leave_the_statistics_alone():
+    norms = np.r_[spiky_norms(40, 6, spikes=()), np.zeros(20), spiky_norms(40, 7, spikes=())]
+    final, states, _ = run_jitted(zscore_clip(warmup_steps=10), norms)
+    ref, _, _ = run_jitted(zscore_clip(warmup_steps=10), norms[norms != 0])
+    jax.tree.map(np.testing.assert_array_equal, final.stats, ref.stats)
+    assert not np.any(states.clipped[40:60])
+
+
+def test_quantile_clip_ignores_zero_gradient_steps():
+    """After 200 zero-gradient steps the quantile was about 1e-38: the next 108 good steps were
+    clipped (54 of them to under 1e-3 of their norm)."""
+    steps = last_clipped_step_after_lead(run_histories(quantile_clip()))
+    assert steps["zeros then 1"] == 0
+    assert max(steps.values()) <= 50  # the quantile of all norms so far rises with them
+    norms = np.r_[np.zeros(200), np.ones(300)]
+    _, states, _ = run_jitted(quantile_clip(), norms)
+    np.testing.assert_array_equal(states.scale, 1.0)
+
+
+def test_adagc_learns_a_lasting_level_shift_at_its_documented_rate():
+    steps = last_clipped_step_after_lead(run_histories(adagc(warmup_steps=LEAD)))
+    assert steps["zeros then 1"] == 0
+    # relative=1.05, decay=0.98: the EMA rises by a factor 1 + 0.02 * 0.05 a step while clipped,
+    # until 1.05 x EMA reaches the new norm.
+    assert abs(steps["ones then 2"] - math.log(2 / 1.05) / math.log(1.001)) <= 1
 
 
 def test_zscore_clip_leaves_warmup_unclipped_and_reports_threshold():
@@ -373,6 +455,37 @@ def test_property_clipped_updates_never_grow_and_stay_finite(norms):
 
 
 # --------------------------------------------------------------------------------------------
+# Gradients that are not float32: complex leaves, float64 leaves under jax_enable_x64
+
+
+def run_leaf(tx, values):
+    """``tx`` under ``lax.scan`` over the one-leaf trees ``{"w": [v, 0]}``: the update norms (the
+    scan also checks that the state keeps its dtypes)."""
+
+    def body(state, v):
+        grads = {"w": jnp.stack([v, jnp.zeros_like(v)])}
+        updates, state = tx.update(grads, state)
+        return state, jnp.abs(updates["w"][0])
+
+    return jax.lax.scan(body, tx.init({"w": jnp.stack([values[0]] * 2)}), values)[1]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_huge_complex_and_float64_spikes_are_clipped_not_zeroed(name):
+    """The spike ``1e20j`` had global norm 0 (the rescue dropped the imaginary part), and a float64
+    ``1e39`` under x64 had norm inf (summed in float32): the spike passed or was zeroed."""
+    factory = {"zscore_clip": zscore_clip, "quantile_clip": quantile_clip, "adagc": adagc}[name]
+    tx = factory(warmup_steps=3)
+    spike = jnp.array([1.0, 1.1, 0.9, 1e20j, 1.0], jnp.complex64)
+    out = np.asarray(run_leaf(tx, spike))
+    assert 0.9 < out[3] < 1.2, out  # clipped to about the past norms
+    with jax.enable_x64(True):
+        spike = jnp.array([1.0, 1.1, 0.9, 1e39, 1e-40], jnp.float64)
+        out = np.asarray(run_leaf(tx, spike))
+    assert 0.9 < out[3] < 1.2 and out[4] == 1e-40, out
+
+
+# --------------------------------------------------------------------------------------------
 # Errors
 
 
@@ -398,6 +511,35 @@ def test_property_clipped_updates_never_grow_and_stay_finite(norms):
 def test_bad_hyperparameters_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: zscore_clip(z_threshold="2.5"), "z_threshold must be a real number"),
+        (lambda: zscore_clip(decay=None), "decay must be a real number"),
+        (lambda: quantile_clip(None), "quantile must be a real number"),
+        (lambda: adagc(warmup_max_norm="1"), "warmup_max_norm must be a real number"),
+    ],
+)
+def test_non_numeric_hyperparameters_name_the_parameter(call, match):
+    with pytest.raises(TypeError, match=match):  # was numpy's "ufunc 'isfinite' not supported"
+        call()
+
+
+@pytest.mark.parametrize("warmup_steps", [2**31, 2**40, float("inf")])
+@pytest.mark.parametrize("name", NAMES)
+def test_endless_warmup(name, warmup_steps):
+    """``warmup_steps`` past int32 (an obvious way to say "never") raised OverflowError in update;
+    it now means a warm-up that never ends: no adaptive clipping, adagc a global clip for good."""
+    tx = {"zscore_clip": zscore_clip, "quantile_clip": quantile_clip, "adagc": adagc}[name](
+        warmup_steps=warmup_steps
+    )
+    norms = np.r_[np.ones(40), 100.0, np.ones(5)].astype(np.float32)
+    _, _, updates = run_jitted(tx, norms)
+    out = np.hypot(updates["a"][:, 0], updates["b"][:, 0])
+    want = np.minimum(norms, 1.0) if name == "adagc" else norms  # adagc: warmup_max_norm=1
+    np.testing.assert_allclose(out, want, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """global_norm, unit_norms, clip_factor, scale_leaf against NumPy float64 references."""
 
+import re
+
 import chex
 import hypothesis.extra.numpy as hnp
 import jax
@@ -12,6 +14,39 @@ from hypothesis import strategies as st
 
 import jaxstab
 from jaxstab import _norms
+
+
+def leaf_reads(hlo: str) -> tuple[list[int], list[int]]:
+    """How often each leaf (entry parameter) of an optimized HLO module is read: by instructions
+    of the entry computation (handing it to a ``conditional`` in a tuple is not a read), and by
+    ``get-tuple-element`` inside the conditionals' branches."""
+    comps = dict(re.findall(r"^(?:ENTRY )?%(\S+) .*?\{\n(.*?)^\}", hlo, re.S | re.M))
+    entry = comps[re.search(r"^ENTRY %(\S+)", hlo, re.M).group(1)].splitlines()
+    instruction = re.compile(r"\s*(?:ROOT )?%(\S+) = (.*)")
+    defs = {m.group(1): m.group(2) for m in map(instruction.match, entry) if m}
+    params = sorted(
+        (int(m.group(1)), name)
+        for name, rhs in defs.items()
+        if (m := re.search(r" parameter\((\d+)\)", rhs))
+    )
+    operands = lambda rhs: re.findall(r"%([\w.\-]+)", rhs.split("),")[0])
+    main = [
+        sum(name in operands(rhs) for rhs in defs.values() if " tuple(" not in rhs)
+        for _, name in params
+    ]
+    in_branches = [0] * len(params)
+    for rhs in defs.values():
+        if " conditional(" not in rhs:
+            continue
+        branches = re.search(r"branch_computations=\{([^}]*)\}", rhs).group(1)
+        for arg, branch in zip(operands(rhs)[1:], branches.split(","), strict=True):
+            tupled = operands(defs[arg])
+            body = comps[branch.strip().lstrip("%")]
+            for i, (_, name) in enumerate(params):
+                if name in tupled:
+                    gte = rf"get-tuple-element\(%[^)]*\), index={tupled.index(name)}\b"
+                    in_branches[i] += len(re.findall(gte, body))
+    return main, in_branches
 
 
 def np_norm(leaves):
@@ -64,10 +99,47 @@ class GlobalNormTest(chex.TestCase):
         assert jaxstab.global_norm(tree) == 5.0
 
     def test_common_case_is_one_pass(self):
-        """The rescue branch sits in a conditional: the main path reduces each leaf once."""
-        tree = [jnp.ones((64, 64)) for _ in range(3)]
-        hlo = jax.jit(jaxstab.global_norm).lower(tree).compile().as_text()
-        assert "conditional" in hlo
+        """Outside the rescue branch the optimized HLO reads each gradient exactly once."""
+        tree = [jnp.ones((64, 64)), jnp.ones((32, 48)), jnp.ones((100,))]
+        per_unit = lambda t: _norms.unit_norms(t, [(0,)] * len(t))
+        for fn in (jaxstab.global_norm, per_unit):
+            main, in_branches = leaf_reads(jax.jit(fn).lower(tree).compile().as_text())
+            assert main == [1, 1, 1]
+            assert in_branches == [1, 1, 1]  # the rescue reads them again, only there
+        # The same count finds a second read when the rescue is not behind a conditional.
+        two_pass = lambda t: optax.tree.norm(t) + optax.tree.norm(jax.tree.map(lambda x: x / 8, t))
+        main, _ = leaf_reads(jax.jit(two_pass).lower(tree).compile().as_text())
+        assert main == [2, 2, 2]
+
+    def test_complex_leaves_count_by_their_modulus(self):
+        """The rescue took the real part: 1e20j had norm 0 and 1e-12j too (optax: 1e-12)."""
+        for value in (1e20j, 1e-12j, 3e-15 + 4e-15j, 1e20 + 1e20j):
+            for leaves in ([jnp.array([value])], [jnp.array([value]) for _ in range(3)]):
+                want = abs(value) * np.sqrt(len(leaves))
+                np.testing.assert_allclose(jaxstab.global_norm(leaves), want, rtol=1e-6)
+                got = _norms.leaf_norms(leaves)  # unit_norms' own rescue
+                np.testing.assert_allclose(got, abs(value), rtol=1e-6)
+        np.testing.assert_allclose(optax.tree.norm([jnp.array([1e-12j])]), 1e-12, rtol=1e-6)
+
+    def test_float64_leaves_are_summed_in_float64_under_x64(self):
+        """Summed in float32, a float64 gradient of 1e39 had norm inf and one of 1e-40 norm 0."""
+        with jax.enable_x64(True):
+            f64 = lambda *v: jnp.array(v, jnp.float64)
+            cases = [
+                ([f64(1e39, 0.0)], 1e39),
+                ([f64(1e-40)], 1e-40),
+                ([f64(1e200, 1e200)], np.sqrt(2) * 1e200),  # float64's own rescue
+                ([f64(3e-145, 4e-145)], 5e-145),
+                ([f64(1e39), jnp.ones((4,), jnp.float32)], 1e39),  # mixed: float64 wins
+                ([jnp.array([1e39j], jnp.complex128)], 1e39),
+            ]
+            for leaves, want in cases:
+                got = jaxstab.global_norm(leaves)
+                assert got.dtype == jnp.float64
+                np.testing.assert_allclose(got, want, rtol=1e-12)
+                np.testing.assert_allclose(_norms.leaf_norms(leaves)[0], want, rtol=1e-12)
+            # float32 and narrower keep their float32 promise under x64 too.
+            assert jaxstab.global_norm([jnp.ones(3, jnp.float32)]).dtype == jnp.float32
 
     def test_many_small_leaves_are_grouped_in_the_rescue(self):
         leaves = [jnp.full((5,), 1e20) for _ in range(40)]

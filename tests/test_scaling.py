@@ -64,6 +64,24 @@ class NormalizeTest(chex.TestCase):
         np.testing.assert_allclose(out["w"], 1e-3, rtol=1e-5)
 
 
+def test_complex_gradients_are_normalized_by_their_modulus():
+    """1e-12j had norm 0 (the rescue dropped the imaginary part): the update was zeroed."""
+    tx = normalize_by_global_norm(1.0, eps=1e-15)
+    for value in (1e-12j, 1e20j, 3 + 4j):
+        out, state = jax.jit(tx.update)({"w": jnp.array([value], jnp.complex64)}, None)
+        np.testing.assert_allclose(out["w"], [value / abs(value)], rtol=1e-6)
+        np.testing.assert_allclose(state.grad_norm, abs(value), rtol=1e-6)
+
+
+def test_float64_gradients_beyond_float32_under_x64():
+    """Summed in float32, a float64 1e39 had norm inf (zeroed) and 1e-40 norm 0 (zeroed)."""
+    with jax.enable_x64(True):
+        tx = normalize_by_global_norm(1.0, eps=1e-300)
+        for value in (1e39, 1e-40, 1e-300):
+            out, _ = jax.jit(tx.update)({"w": jnp.array([value, 0.0], jnp.float64)}, None)
+            np.testing.assert_allclose(out["w"], [1.0, 0.0], rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_low_precision_gradients_are_normalized_not_overflowed(dtype):
     grads = {"w": jnp.full((4,), 300.0, dtype), "b": jnp.full((2,), 1.0, dtype)}

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxstab import _stats
+import jaxstab
+from jaxstab import _checks, _stats
 
 finite_floats = st.floats(0.0009765625, 1024.0, width=32)  # 2**-10 .. 2**10
 
@@ -152,7 +153,95 @@ def test_p2_state_is_sixteen_numbers_whatever_the_run_length():
     assert sum(x.size for x in jax.tree.leaves(long)) == 16
 
 
-def test_p2_accepts_zero_norms():
-    state, _ = run_p2(np.array([0.0, 0.0, 1.0, 2.0, 0.0, 3.0, 0.0], np.float32), 0.5)
-    est = float(_stats.p2_estimate(state, 0.5))
-    assert np.isfinite(est) and 0.0 <= est < 3.0
+def test_p2_ignores_zero_norms():
+    """A step with no gradient is not a sample: 200 of them pulled the quantile to 1e-38."""
+    xs = np.array([0.0, 0.0, 1.0, 2.0, 0.0, 3.0, 0.0, 4.0, 5.0, 6.0], np.float32)
+    state, _ = run_p2(xs, 0.5)
+    ref, _ = run_p2(xs[xs != 0], 0.5)
+    jax.tree.map(np.testing.assert_array_equal, state, ref)
+    assert int(state.count) == 6
+
+
+# --------------------------------------------------------------------------------------------
+# Level shifts: the spread floor and z_limit
+
+
+def test_mean_var_ignores_zero_samples_bit_for_bit():
+    xs = np.array([0.0, 0.0, 1.0, 2.0, 0.0, 3.0, 4.0, 0.0, 5.0], np.float32)
+    final, _ = run_mean_var(xs, decay=0.9, warmup_steps=2)
+    ref, _ = run_mean_var(xs[xs != 0], decay=0.9, warmup_steps=2)
+    jax.tree.map(np.testing.assert_array_equal, final, ref)
+
+
+def test_spread_is_at_least_one_percent_of_the_mean():
+    constant, _ = run_mean_var(np.full(5, 4.0), decay=0.9, warmup_steps=5)
+    assert float(_stats.std(constant)) == 0.0
+    np.testing.assert_allclose(_stats.spread(constant), 0.04, rtol=1e-6)
+    limit = _stats.z_limit(constant, 2.0, 0.0, warmup_steps=5)
+    np.testing.assert_allclose(limit, 4.08, rtol=1e-6)
+    assert _stats.z_limit(constant, 2.0, 0.0, warmup_steps=6) == jnp.inf  # still warming up
+    spread_out, _ = run_mean_var(np.array([1.0, 3.0]), decay=0.9, warmup_steps=2)
+    np.testing.assert_allclose(_stats.spread(spread_out), 1.0)  # the floor does not bind
+
+
+def test_samples_learned_as_the_limit_lift_a_constant_history():
+    """Fed ``min(x, z_limit)``, a lasting jump from a constant level is learned geometrically."""
+
+    @jax.jit
+    def learn(stats, x):
+        def body(s, x):
+            limit = _stats.z_limit(s, 2.5, 1e-6, 25)
+            s = _stats.mean_var_update(s, jnp.minimum(x, limit), decay=0.97, warmup_steps=25)
+            return s, x > limit
+
+        return jax.lax.scan(body, stats, x)
+
+    stats, _ = run_mean_var(np.ones(24), decay=0.97, warmup_steps=24)
+    stats = _stats.mean_var_update(stats, 1.0, decay=0.97, warmup_steps=25)
+    _, over = learn(stats, jnp.full(200, 1000.0, jnp.float32))
+    assert np.flatnonzero(over).max() < 160  # zscore_clip's documented bound
+
+
+# --------------------------------------------------------------------------------------------
+# Step counts
+
+
+@pytest.mark.parametrize(
+    ("n", "want"),
+    [
+        (25, 25),
+        (25.0, 25),
+        (np.int64(2**31), 2**31 - 1),
+        (2**40, 2**31 - 1),
+        (float("inf"), 2**31 - 1),
+        (jnp.asarray(7), 7),
+        (jnp.asarray(jnp.inf), 2**31 - 1),
+        (jnp.asarray(3e9), 2**31 - 1),
+    ],
+)
+def test_step_count_saturates_instead_of_overflowing(n, want):
+    got = _stats.step_count(n)
+    assert got.dtype == jnp.int32 and int(got) == want
+
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameter checks (shared by every factory, BatchNorm included)
+
+
+@pytest.mark.parametrize("value", [None, "2.5", 1 + 2j, [1.0, None], [1.0, [2.0]], object()])
+def test_check_range_names_a_non_numeric_value(value):
+    with pytest.raises(TypeError, match=r"lr must be a real number in \(0, 1\], got "):
+        _checks.check_range("lr", value, low=0, high=1, low_open=True)
+
+
+def test_non_numeric_hyperparameters_of_the_public_factories():
+    """These raised numpy's "ufunc 'isfinite' not supported for the input types"."""
+    with pytest.raises(TypeError, match="max_norm must be a real number"):
+        jaxstab.clip_by_global_norm(None)
+    with pytest.raises(TypeError, match="clipping must be a real number"):
+        jaxstab.adaptive_grad_clip(None)
+    with pytest.raises(TypeError, match="momentum must be a real number"):
+        jaxstab.linen.BatchNorm(momentum=None).init(
+            jax.random.key(0), jnp.ones((2, 3)), use_running_average=False
+        )
+    jaxstab.zscore_clip(max_norm=None)  # optional: None means off

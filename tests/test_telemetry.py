@@ -75,7 +75,11 @@ def test_jit_returns_the_dict():
         return optax.apply_updates(params, updates), state, jaxstab.telemetry(state)
 
     _, _, tel = step(PARAMS, tx.init(PARAMS), GRADS)
-    assert all(isinstance(v, jax.Array) for v in tel.values())
+    # An empty or misnamed dict fails here (``all`` of no values would pass).
+    assert set(tel) == {f"0/clip_by_global_norm/{f}" for f in ("grad_norm", "scale", "clipped")}
+    assert all(isinstance(v, jax.Array) and v.shape == () for v in tel.values())
+    np.testing.assert_allclose(tel["0/clip_by_global_norm/grad_norm"], 4.0)
+    np.testing.assert_allclose(tel["0/clip_by_global_norm/scale"], 0.25)
 
 
 def test_registration_checks_fields():

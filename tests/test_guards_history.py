@@ -1,0 +1,71 @@
+"""skip_anomalies against norm histories: zero steps, constant warm-ups, level shifts, endless
+warm-up, and float64 gradients beyond float32's range."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxstab.guards import skip_anomalies
+
+
+def grads_with_norm(g):
+    """A two-leaf gradient tree whose global norm is ``g``."""
+    return {"a": jnp.stack([0.6 * g, 0.0]), "b": jnp.reshape(0.8 * g, (1,))}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def skipped_steps(tx, norms):
+    """Whether each step of ``norms`` was skipped, run under ``lax.scan``."""
+
+    def body(state, g):
+        params = grads_with_norm(jnp.ones_like(g))
+        _, state = tx.update(grads_with_norm(g), state, params)
+        return state, state.skipped
+
+    return jax.lax.scan(body, tx.init(grads_with_norm(1.0)), jnp.asarray(norms, jnp.float32))[1]
+
+
+def test_zero_gradient_steps_do_not_make_good_steps_look_anomalous():
+    """After 200 zero-gradient steps the statistics were (0, 0): the next 76 good steps were
+    skipped. Zero steps are no samples now, and warm-up starts with the first real norm."""
+    norms = np.r_[np.zeros(200), np.random.default_rng(0).lognormal(0.0, 0.1, 300)]
+    skipped = np.asarray(skipped_steps(skip_anomalies(optax.sgd(0.1)), norms))
+    assert not skipped.any()
+    # A burst of zero steps later on leaves the statistics alone too.
+    norms = np.r_[norms[200:250], np.zeros(100), norms[250:]]
+    assert not np.asarray(skipped_steps(skip_anomalies(optax.sgd(0.1)), norms)).any()
+
+
+@pytest.mark.parametrize(("jump", "within"), [(2.0, 25), (1000.0, 70)])
+def test_a_lasting_level_shift_after_a_constant_warmup_is_learned(jump, within):
+    """With equal norms in warm-up the standard deviation was 0 and the z-score of every other
+    norm was huge; the docstring's bounds: 2x within 25 steps, 1000x within 70."""
+    norms = np.r_[np.ones(30), np.full(300, jump)]
+    skipped = np.asarray(skipped_steps(skip_anomalies(optax.sgd(0.1)), norms))
+    assert skipped[30] and not skipped[30 + within :].any()
+    assert 0 < skipped.sum() <= within
+
+
+@pytest.mark.parametrize("warmup_steps", [2**31, float("inf")])
+def test_endless_warmup_skips_only_non_finite_steps(warmup_steps):
+    """These raised OverflowError in the first update; now warm-up never ends."""
+    norms = np.r_[np.ones(40), 1e6, np.nan, np.ones(5)]
+    tx = skip_anomalies(optax.sgd(0.1), warmup_steps=warmup_steps)
+    skipped = np.asarray(skipped_steps(tx, norms))
+    np.testing.assert_array_equal(skipped, np.isnan(norms))
+
+
+def test_float64_gradients_beyond_float32_are_not_skipped_under_x64():
+    """Summed in float32, a finite float64 gradient of 1e39 had norm inf and was skipped."""
+    with jax.enable_x64(True):
+        tx = skip_anomalies(optax.sgd(1.0))
+        params = {"w": jnp.zeros(2, jnp.float64)}
+        updates, state = jax.jit(tx.update)({"w": jnp.array([1e39, 0.0])}, tx.init(params), params)
+        assert not bool(state.skipped)
+        np.testing.assert_array_equal(updates["w"], [-1e39, 0.0])
