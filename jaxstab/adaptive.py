@@ -277,7 +277,9 @@ class AdagcState(NamedTuple):
     """State of :func:`adagc`: per-tensor thresholds and this step's telemetry."""
 
     count: jax.Array  # int32, finite steps seen
-    ema: jax.Array  # float32 (n_tensors,), EMA of each tensor's clipped norm (+inf: none yet)
+    ema: tuple[jax.Array, ...]  # per float tensor (flatten order): float32 EMA of its clipped
+    # norm (+inf: none yet). A tuple of scalars, not a vector: a vector sliced into every tensor's
+    # update makes XLA's compile time grow quadratically with the number of tensors.
     grad_norm: jax.Array  # float32 global norm of the incoming updates
     clip_fraction: jax.Array  # float32 share of tensors whose update was scaled down
 
@@ -344,11 +346,9 @@ def adagc(
     _checks.check_range("warmup_max_norm", warmup_max_norm, low=0)
 
     def init_fn(params):
-        n = len(_norms.float_leaves(params))
+        ema = tuple(jnp.full((), jnp.inf, jnp.float32) for _ in _norms.float_leaves(params))
         zero = lambda: jnp.zeros((), jnp.float32)  # distinct buffers: states get donated
-        return AdagcState(
-            jnp.zeros((), jnp.int32), jnp.full((n,), jnp.inf, jnp.float32), zero(), zero()
-        )
+        return AdagcState(jnp.zeros((), jnp.int32), ema, zero(), zero())
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -356,32 +356,37 @@ def adagc(
             updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
         )
         grads = [x for x in leaves if _norms.is_array_leaf(x)]
-        if len(grads) != state.ema.shape[0]:
+        if len(grads) != len(state.ema):
             raise ValueError(
-                f"adagc was initialised for {state.ema.shape[0]} float tensors but got updates "
+                f"adagc was initialised for {len(state.ema)} float tensors but got updates "
                 f"with {len(grads)}: {treedef}"
             )
-        norms = _norms.leaf_norms(grads, axis_name=axis_name)
-        norm = _norms.global_norm(norms)
+        axes = [tuple(range(x.ndim)) for x in grads]
+        norms = [n.reshape(()) for n in _norms.unit_norms(grads, axes, axis_name=axis_name)]
+        norm = _norms.global_norm(jnp.stack(norms)) if grads else jnp.zeros((), jnp.float32)
         finite = jnp.isfinite(norm)
-        ema = state.ema
         warm = state.count < _stats.step_count(warmup_steps)
-        factors = jnp.where(
-            warm,
-            _norms.clip_factor(norm, warmup_max_norm),
-            _norms.clip_factor(norms, _stats.as_f32(relative) * ema),
-        )
-        factors = jnp.where(finite, factors, 0.0)
-        clipped = norms * factors
-        new_ema = jnp.where(
-            warm | jnp.isinf(ema), jnp.minimum(ema, clipped), _stats.ema(ema, clipped, decay)
-        )
-        ema = jnp.where(finite & (norms > 0), new_ema, ema).astype(jnp.float32)
-        factor_of = iter(factors[i] for i in range(len(grads)))
+        warm_factor = _norms.clip_factor(norm, warmup_max_norm)
+        relative_ = _stats.as_f32(relative)
+
+        def tensor(n, ema):
+            """This tensor's factor and new threshold, from its own scalars."""
+            factor = jnp.where(warm, warm_factor, _norms.clip_factor(n, relative_ * ema))
+            factor = jnp.where(finite, factor, 0.0)
+            clipped = n * factor
+            new = jnp.where(
+                warm | jnp.isinf(ema), jnp.minimum(ema, clipped), _stats.ema(ema, clipped, decay)
+            )
+            return factor, jnp.where(finite & (n > 0), new, ema).astype(jnp.float32)
+
+        factors, ema = zip(*map(tensor, norms, state.ema), strict=True) if grads else ((), ())
+        factor_of = iter(factors)
         new_leaves = [
             _norms.scale_leaf(x, next(factor_of)) if _norms.is_array_leaf(x) else x for x in leaves
         ]
-        fraction = jnp.mean((factors < 1).astype(jnp.float32)) if grads else jnp.zeros(())
+        fraction = (
+            jnp.mean((jnp.stack(factors) < 1).astype(jnp.float32)) if grads else jnp.zeros(())
+        )
         count = jnp.where(finite, optax.safe_increment(state.count), state.count)
         new_state = AdagcState(count, ema, _stats.as_f32(norm), fraction)
         return jax.tree.unflatten(treedef, new_leaves), new_state

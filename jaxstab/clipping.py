@@ -201,24 +201,29 @@ def adaptive_grad_clip(
             if _norms.is_array_leaf(g):
                 (kept_idx if is_excluded(path, g) else clip_idx).append(i)
         axes = [axes_for(paths_g[i][0], leaves_g[i]) for i in clip_idx]
-        norms = _norms.unit_norms(
-            [leaves_g[i] for i in clip_idx] + [leaves_p[i] for i in clip_idx], axes + axes
-        )
-        g_norms, p_norms = norms[: len(clip_idx)], norms[len(clip_idx) :]
-        grad_norm = _norms.global_norm(g_norms + [leaves_g[i] for i in kept_idx])
+        g_clip, p_clip = [leaves_g[i] for i in clip_idx], [leaves_p[i] for i in clip_idx]
+        dtype = _norms.accumulation_dtype(g_clip + p_clip)
+        g_norms = _norms.unit_norms(g_clip, axes, dtype=dtype)
+        # An overflowing parameter norm only means "no clipping" and an underflowing one is below
+        # ``eps``: no rescue needed, half the compile time.
+        p_norms = _norms.unit_norms(p_clip, axes, exact=False, dtype=dtype)
+        # Telemetry over all units at once: one reduction each, not one per leaf.
+        flat = lambda arrays: [jnp.concatenate([jnp.ravel(a) for a in arrays])] if arrays else []
+        grad_norm = _norms.global_norm(flat(g_norms) + [leaves_g[i] for i in kept_idx])
         finite = jnp.isfinite(grad_norm)
 
         factors = {i: jnp.where(finite, 1.0, 0.0) for i in kept_idx}
-        clipped = jnp.zeros((), jnp.int32)
+        over = []
         for i, g_norm, p_norm in zip(clip_idx, g_norms, p_norms, strict=True):
             max_norm = clipping * jnp.maximum(p_norm, eps)
             factors[i] = jnp.where(finite, _norms.clip_factor(g_norm, max_norm), 0.0)
-            clipped += jnp.sum(g_norm > max_norm)
+            over.append(g_norm > max_norm)
         new_leaves = [
             _norms.scale_leaf(g, factors[i]) if i in factors else g
             for i, g in enumerate(leaves_g)
         ]
         units = sum(n.size for n in g_norms)
+        clipped = jnp.sum(flat(over)[0]) if over else jnp.zeros((), jnp.int32)
         fraction = clipped.astype(jnp.float32) / max(units, 1)
         state = AdaptiveGradClipState(grad_norm.astype(jnp.float32), fraction)
         return jax.tree.unflatten(treedef, new_leaves), state

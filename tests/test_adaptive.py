@@ -308,7 +308,7 @@ def test_adagc_warmup_is_a_global_clip():
     np.testing.assert_allclose(updates["a"], [0.6]) and np.testing.assert_allclose(
         updates["b"], [0.8]
     )
-    np.testing.assert_allclose(state.ema, [0.6, 0.8])
+    np.testing.assert_allclose(jnp.stack(state.ema), [0.6, 0.8])
     assert float(state.grad_norm) == 5.0 and float(state.clip_fraction) == 1.0
 
 
