@@ -9,6 +9,7 @@ access, so optax-only users do not pay for flax.
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 from jaxstab import nn
 from jaxstab._norms import flax_unit_axes, global_norm
@@ -37,6 +38,9 @@ from jaxstab.guards import (
 from jaxstab.nn import momentum_from_torch, renorm_schedules
 from jaxstab.scaling import NormalizeByGlobalNormState, normalize_by_global_norm
 from jaxstab.telemetry import telemetry
+
+if TYPE_CHECKING:  # type checkers and IDEs see the modules that load lazily below
+    from jaxstab import linen, nnx
 
 __version__ = "0.1.0"
 
