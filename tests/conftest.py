@@ -1,4 +1,4 @@
-"""Fixtures shared by the multidevice tests: an 8-device mesh and jitted, sharded runs on it.
+"""Shared fixtures: an 8-device mesh and jitted, sharded runs on it; float64 across jax versions.
 
 `make test` runs the tests marked ``multidevice`` in their own process with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; without it they skip.
@@ -64,3 +64,13 @@ def run_steps():
         return outs, state
 
     return run
+
+
+@pytest.fixture(scope="session")
+def enable_x64():
+    """``with enable_x64(True):`` float64 on, from the jax floor up (``jax.enable_x64``: 0.8+)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64
+    from jax.experimental import enable_x64
+
+    return enable_x64
