@@ -1,8 +1,15 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# A second venv with every runtime dependency at the floor pyproject.toml declares.
+OLDEST := .venv-oldest
+OLDEST_BIN := $(OLDEST)/bin
+FLOOR_PINS := import re, tomllib; \
+	deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+	print("\n".join(re.sub(r"\s*>=\s*", "==", d) for d in deps))
+MULTIDEVICE := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-oldest bench lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,12 +29,24 @@ demo: $(VENV)/.installed-examples
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
+$(OLDEST)/.installed: pyproject.toml
+	$(PY) -m venv $(OLDEST)
+	$(OLDEST_BIN)/pip install --quiet --upgrade pip
+	$(PY) -c '$(FLOOR_PINS)' > $(OLDEST)/floors.txt
+	$(OLDEST_BIN)/pip install --quiet -c $(OLDEST)/floors.txt -e '.[test,examples]'
+	touch $@
+
 test: lint
 	$(BIN)/python -m pytest -q -m "not multidevice"
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m multidevice tests
+	$(MULTIDEVICE) $(BIN)/python -m pytest -q -m multidevice tests
+
+# The same suite on the declared dependency floors (jax, jaxlib, optax, flax, chex pinned).
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST_BIN)/python -m pytest -q -m "not multidevice"
+	$(MULTIDEVICE) $(OLDEST_BIN)/python -m pytest -q -m multidevice tests
 
 bench: $(VENV)/.installed-examples
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(OLDEST) demo_out

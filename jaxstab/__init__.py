@@ -3,9 +3,15 @@
 Gradient transformations that clip or rescale (optax-chainable), guards that skip bad steps, and
 a Flax batch norm (``jaxstab.linen.BatchNorm``, ``jaxstab.nnx.BatchNorm``). See the README for
 the feature table.
+
+``import jaxstab`` does not import flax: ``jaxstab.linen`` and ``jaxstab.nnx`` load it on first
+access, so optax-only users do not pay for flax.
 """
 
-from jaxstab import linen, nn, nnx
+import importlib
+from typing import TYPE_CHECKING
+
+from jaxstab import nn
 from jaxstab._norms import flax_unit_axes, global_norm
 from jaxstab.adaptive import (
     AdagcState,
@@ -38,6 +44,9 @@ from jaxstab.recovery import (
 )
 from jaxstab.scaling import NormalizeByGlobalNormState, normalize_by_global_norm
 from jaxstab.telemetry import telemetry
+
+if TYPE_CHECKING:  # type checkers and IDEs see the modules that load lazily below
+    from jaxstab import linen, nnx
 
 __version__ = "0.1.0"
 
@@ -74,3 +83,16 @@ __all__ = [
     "telemetry",
     "zscore_clip",
 ]
+
+# The flax modules load on first access (PEP 562), so `import jaxstab` stays flax-free.
+_FLAX_MODULES = ("linen", "nnx")
+
+
+def __getattr__(name):
+    if name in _FLAX_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_FLAX_MODULES))

@@ -11,16 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxstab.linen
 from jaxstab import batchnorm as core
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (see the Makefile)"),
-]
+pytestmark = pytest.mark.multidevice
 
 N_DEV, PER_DEV, FEATURES = 8, 4, 3
 
@@ -39,12 +35,7 @@ def np_stats(x, mask):
     return x64.mean(0), x64.var(0)
 
 
-def sharded(mesh, *arrays):
-    return [jax.device_put(a, NamedSharding(mesh, P("d"))) for a in arrays]
-
-
-def test_shard_map_pools_masked_statistics_exactly():
-    mesh = jax.make_mesh((N_DEV,), ("d",))
+def test_shard_map_pools_masked_statistics_exactly(shard, jit_shard_map):
     x, mask = data()
     ref_mean, ref_var = np_stats(x, mask)
     variables = {
@@ -53,16 +44,14 @@ def test_shard_map_pools_masked_statistics_exactly():
     }
     results = {}
     for cls in (jaxstab.linen.BatchNorm, fnn.BatchNorm):
-        model = cls(momentum=0.0, use_running_average=False, axis_name="d")
+        model = cls(momentum=0.0, use_running_average=False, axis_name="data")
 
         def step(x, mask, model=model):
             y, upd = model.apply(variables, x, mask=mask, mutable=["batch_stats"])
             return y, upd["batch_stats"]
 
-        run = jax.jit(
-            jax.shard_map(step, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=(P("d"), P()))
-        )
-        results[cls] = run(*sharded(mesh, x, mask))
+        run = jit_shard_map(step, in_specs=(P("data"), P("data")), out_specs=(P("data"), P()))
+        results[cls] = run(*shard((x, mask)))
     y, stats = results[jaxstab.linen.BatchNorm]
     np.testing.assert_allclose(stats["mean"], ref_mean, rtol=1e-7)
     np.testing.assert_allclose(stats["var"], ref_var, rtol=1e-4)
@@ -72,8 +61,7 @@ def test_shard_map_pools_masked_statistics_exactly():
     assert np.max(np.abs(np.asarray(flax_stats["var"]) / ref_var - 1)) > 0.05
 
 
-def test_shard_map_gradients_equal_global_computation():
-    mesh = jax.make_mesh((N_DEV,), ("d",))
+def test_shard_map_gradients_equal_global_computation(shard, jit_shard_map):
     x, mask = data()
     stats = core.BatchStats(jnp.zeros(FEATURES), jnp.ones(FEATURES))
     w = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
@@ -83,11 +71,9 @@ def test_shard_map_gradients_equal_global_computation():
         total = jnp.sum(jnp.where(mask, jnp.tanh(y) * w, 0))
         return total if axis_name is None else jax.lax.psum(total, axis_name)
 
-    grad_local = jax.grad(lambda x, m, w: loss(x, m, w, "d"))
-    run = jax.jit(
-        jax.shard_map(grad_local, mesh=mesh, in_specs=(P("d"), P("d"), P("d")), out_specs=P("d"))
-    )
-    g = run(*sharded(mesh, x, mask, w))
+    grad_local = jax.grad(lambda x, m, w: loss(x, m, w, "data"))
+    run = jit_shard_map(grad_local, in_specs=(P("data"),) * 3, out_specs=P("data"))
+    g = run(*shard((x, mask, w)))
     g_ref = jax.jit(jax.grad(lambda x: loss(x, mask, w, None)))(jnp.asarray(x))
     assert np.all(np.isfinite(g))
     np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-4)
@@ -115,14 +101,13 @@ def test_pmap_axis_index_groups_pool_within_groups():
             np.testing.assert_allclose(per_device["var"][d], ref_var, rtol=1e-4)
 
 
-def test_jit_over_batch_sharded_input_gives_global_statistics():
+def test_jit_over_batch_sharded_input_gives_global_statistics(shard):
     """No axis_name under plain jit: XLA's reductions over a sharded batch are global."""
-    mesh = jax.make_mesh((N_DEV,), ("d",))
     x, mask = data()
     model = jaxstab.linen.BatchNorm(momentum=0.0, use_running_average=False)
     variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(jnp.asarray(x))
     step = jax.jit(lambda v, x, m: model.apply(v, x, mask=m, mutable=["batch_stats"]))
-    y, upd = step(variables, *sharded(mesh, x, mask))
+    y, upd = step(variables, *shard((x, mask)))
     assert len(y.sharding.device_set) == N_DEV  # the output stays sharded
     ref_mean, ref_var = np_stats(x, mask)
     np.testing.assert_allclose(upd["batch_stats"]["mean"], ref_mean, rtol=1e-7)
@@ -131,16 +116,15 @@ def test_jit_over_batch_sharded_input_gives_global_statistics():
     np.testing.assert_allclose(y, y_single, rtol=1e-5, atol=1e-5)
 
 
-def test_ghost_batches_under_jit_give_per_device_statistics():
+def test_ghost_batches_under_jit_give_per_device_statistics(shard):
     """virtual_batch_size = per-device batch: each device's shard is normalized on its own."""
-    mesh = jax.make_mesh((N_DEV,), ("d",))
     x, _ = data()
     model = jaxstab.linen.BatchNorm(
         momentum=0.0, use_running_average=False, virtual_batch_size=PER_DEV
     )
     variables = jax.jit(lambda x: model.init(jax.random.key(0), x))(jnp.asarray(x))
     step = jax.jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"]))
-    (xs,) = sharded(mesh, x)
+    xs = shard(x)
     y, upd = step(variables, xs)
     assert len(y.sharding.device_set) == N_DEV
     chunks = np.asarray(x, np.float64).reshape(N_DEV, PER_DEV, FEATURES)

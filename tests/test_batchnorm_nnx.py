@@ -152,7 +152,8 @@ def test_float32_matches_flax_nnx(use_fast_variance):
 
 
 def test_bfloat16_eval_is_accurate():
-    """The issue's case: mean 256.7, std 0.5, dtype=bfloat16. flax.nnx: error of several units."""
+    """The issue's case: mean 256.7, std 0.5, dtype=bfloat16. flax.nnx: 0.09 (flax 0.11) to
+    several units (0.12) against jaxstab's 0.008."""
     x = normal(4, (256, 4), loc=256.7, scale=0.5)
     x64 = np.asarray(x, np.float64)
     ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
@@ -164,14 +165,14 @@ def test_bfloat16_eval_is_accurate():
         assert y.dtype == jnp.bfloat16 and model.mean[...].dtype == jnp.float32
         errors[cls] = np.max(np.abs(np.asarray(y, np.float64) - ref))
     assert errors[jaxstab.nnx.BatchNorm] < 0.05
-    assert errors[nnx.BatchNorm] > 1.0
+    assert errors[nnx.BatchNorm] > 10 * errors[jaxstab.nnx.BatchNorm]
 
 
 # --------------------------------------------------------------------------------------------
 # The module itself
 
 
-def test_variables_train_eval_and_view():
+def test_variables_train_and_eval():
     model = jaxstab.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     state = nnx.state(model)
     assert set(state) == {"mean", "var", "scale", "bias"}
@@ -184,10 +185,15 @@ def test_variables_train_eval_and_view():
     y_eval, same = nnx_apply(model, x)
     np.testing.assert_array_equal(same["mean"][...], stats["mean"][...])
     assert not np.allclose(y, y_eval)
-    trained = nnx.view(model, use_running_average=False)
-    assert trained.use_running_average is False and model.use_running_average is True
     model.train()
     assert model.use_running_average is False
+
+
+@pytest.mark.skipif(not hasattr(nnx, "view"), reason="nnx.view is new in flax 0.12.4")
+def test_view_sets_use_running_average():
+    model = jaxstab.nnx.BatchNorm(3, use_running_average=True, rngs=nnx.Rngs(0))
+    trained = nnx.view(model, use_running_average=False)
+    assert trained.use_running_average is False and model.use_running_average is True
 
 
 def test_no_scale_no_bias_and_tuple_features():

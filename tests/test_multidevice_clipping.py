@@ -1,25 +1,17 @@
 """Global norms and clipping on 8 simulated CPU devices (run by `make test` in its own process)."""
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxstab
 
 pytestmark = pytest.mark.multidevice
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    if jax.device_count() < 8:
-        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    return jax.make_mesh((8,), ("data",))
 
 
 def tree():
@@ -30,45 +22,35 @@ def tree():
     }
 
 
-def test_global_norm_in_shard_map_is_global(mesh):
+def test_global_norm_in_shard_map_is_global(shard, jit_shard_map):
     grads = tree()
-    spec = PartitionSpec("data")
-
-    @jax.jit
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(spec,), out_specs=PartitionSpec())
-    def norm(g):
-        return jaxstab.global_norm(g, axis_name="data")
-
-    sharded = jax.device_put(grads, NamedSharding(mesh, spec))
-    np.testing.assert_allclose(norm(sharded), jaxstab.global_norm(grads), rtol=1e-6)
+    norm = jit_shard_map(
+        lambda g: jaxstab.global_norm(g, axis_name="data"), in_specs=(P("data"),), out_specs=P()
+    )
+    np.testing.assert_allclose(norm(shard(grads)), jaxstab.global_norm(grads), rtol=1e-6)
 
 
-def test_clip_in_shard_map_matches_single_device(mesh):
+def test_clip_in_shard_map_matches_single_device(shard, jit_shard_map):
     grads = tree()
-    spec = PartitionSpec("data")
     tx = jaxstab.clip_by_global_norm(1.0, axis_name="data")
 
-    @jax.jit
-    @functools.partial(
-        jax.shard_map, mesh=mesh, in_specs=(spec,), out_specs=(spec, PartitionSpec())
-    )
     def clip(g):
         out, state = tx.update(g, tx.init(g))
         return out, state.grad_norm
 
-    out, norm = clip(jax.device_put(grads, NamedSharding(mesh, spec)))
+    out, norm = jit_shard_map(clip, in_specs=(P("data"),), out_specs=(P("data"), P()))(
+        shard(grads)
+    )
     want, _ = jaxstab.clip_by_global_norm(1.0).update(grads, None)
     chex.assert_trees_all_close(out, want, rtol=1e-5)
     np.testing.assert_allclose(norm, jaxstab.global_norm(grads), rtol=1e-6)
 
 
-def test_sharded_jit_matches_single_device(mesh):
+def test_sharded_jit_matches_single_device(mesh, shard, run_steps):
     grads = tree()
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    sharded = jax.device_put(grads, sharding)
     tx = optax.chain(jaxstab.clip_by_global_norm(1.0), optax.adam(1e-3))
-    params = jax.device_put(jax.tree.map(jnp.zeros_like, grads), sharding)
-    out, _ = jax.jit(tx.update)(sharded, tx.init(params), params)
+    params = jax.tree.map(jnp.zeros_like, grads)
+    (out,), _ = run_steps(tx, params, [grads], put=shard)
     want, _ = tx.update(grads, tx.init(grads), grads)
     chex.assert_trees_all_close(out, want, rtol=1e-5)
-    assert out["a"].sharding.is_equivalent_to(sharding, 2)
+    assert out["a"].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)

@@ -3,7 +3,6 @@
 Run by `make test` in its own process with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
-import functools
 import re
 
 import chex
@@ -32,13 +31,6 @@ TRANSFORMS = {
 NO_AXIS_NAME = {"adaptive_grad_clip"}  # unit norms reduce within a leaf: shard-local by design
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    if jax.device_count() < 8:
-        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    return jax.make_mesh((8,), ("data",))
-
-
 def params_and_grad_steps(n_steps=5):
     rng = np.random.default_rng(0)
     params = {
@@ -50,24 +42,14 @@ def params_and_grad_steps(n_steps=5):
     return params, grads
 
 
-def run(tx, params, grad_steps, put=lambda t: t):
-    state = tx.init(put(params))
-    update = jax.jit(tx.update)
-    outs = []
-    for g in grad_steps:
-        u, state = update(put(g), state, put(params))
-        outs.append(u)
-    return outs, state
-
-
 @pytest.mark.parametrize("name", [*TRANSFORMS, "adaptive_grad_clip"])
-def test_sharded_jit_matches_single_device(mesh, name):
+def test_sharded_jit_matches_single_device(mesh, shard, run_steps, name):
     make = TRANSFORMS.get(name, lambda: jaxstab.adaptive_grad_clip(0.05))
     tx = optax.chain(make(), optax.adam(1e-2))
     params, grad_steps = params_and_grad_steps()
     sharding = NamedSharding(mesh, P("data"))
-    want, _ = run(tx, params, grad_steps)
-    got, state = run(tx, params, grad_steps, put=lambda t: jax.device_put(t, sharding))
+    want, _ = run_steps(tx, params, grad_steps)
+    got, state = run_steps(tx, params, grad_steps, put=shard)
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-7)
     # Big state follows the params' sharding: nothing param-sized is replicated.
     for leaf in jax.tree.leaves(state):
@@ -76,18 +58,13 @@ def test_sharded_jit_matches_single_device(mesh, name):
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_shard_map_with_axis_name_matches_single_device(mesh, name):
+def test_shard_map_with_axis_name_matches_single_device(shard, jit_shard_map, run_steps, name):
     """Each device holds a shard of every leaf; axis_name makes norms and statistics global."""
     params, grad_steps = params_and_grad_steps()
-    want, want_state = run(TRANSFORMS[name](), params, grad_steps)
+    want, want_state = run_steps(TRANSFORMS[name](), params, grad_steps)
     tx = TRANSFORMS[name](axis_name="data")
     spec = P("data")
 
-    @jax.jit
-    @functools.partial(
-        jax.shard_map, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, P()),
-        check_vma=False,
-    )
     def steps(params, grads_stacked, _):
         state = tx.init(params)
         outs = []
@@ -99,8 +76,8 @@ def test_shard_map_with_axis_name_matches_single_device(mesh, name):
 
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *grad_steps)
     stacked = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), stacked)  # shard axis first
-    put = lambda t: jax.device_put(t, NamedSharding(mesh, spec))
-    got, tel = steps(put(params), put(stacked), put(params))
+    run = jit_shard_map(steps, (spec, spec, spec), (spec, P()), check_vma=False)
+    got, tel = run(shard(params), shard(stacked), shard(params))
     got = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), got)
     for i, w in enumerate(want):
         chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], got), w, rtol=2e-5,
@@ -114,16 +91,13 @@ def count_all_reduces(hlo_text: str) -> int:
     return len(re.findall(r"\ball-reduce(?:-start)?\(", hlo_text))
 
 
-def test_one_scalar_all_reduce_per_norm_in_shard_map(mesh):
+def test_one_scalar_all_reduce_per_norm_in_shard_map(shard, jit_shard_map):
     """The norm of a sharded 20-leaf tree: one psum of a scalar on the path every step takes."""
     tree = {f"layer_{i}": jnp.ones((64, 16)) for i in range(20)}
-    spec = P("data")
-    sharded = jax.device_put(tree, NamedSharding(mesh, spec))
-    norm = jax.shard_map(
-        lambda g: jaxstab.global_norm(g, axis_name="data"),
-        mesh=mesh, in_specs=(spec,), out_specs=P(),
+    norm = jit_shard_map(
+        lambda g: jaxstab.global_norm(g, axis_name="data"), in_specs=(P("data"),), out_specs=P()
     )
-    hlo = jax.jit(norm).lower(sharded).compile().as_text()
+    hlo = norm.lower(shard(tree)).compile().as_text()
     main_path = [line for line in hlo.splitlines() if "all-reduce(" in line]
     scalar = [line for line in main_path if re.search(r"= f32\[\] all-reduce\(", line)]
     # One on the common path, one in the rescue branch (runs only on over/underflow).

@@ -145,7 +145,7 @@ class GlobalNormTest(chex.TestCase):
         leaves = [jnp.full((5,), 1e20) for _ in range(40)]
         np.testing.assert_allclose(jaxstab.global_norm(leaves), np.sqrt(200) * 1e20, rtol=1e-6)
         jaxpr = str(jax.make_jaxpr(jaxstab.global_norm)(leaves))
-        assert jaxpr.count("concatenate") == 1
+        assert jaxpr.count("f32[200] = concatenate") == 1  # older jax: in chunks of 16 leaves
 
     @settings(max_examples=30, deadline=None)
     @given(

@@ -1,0 +1,76 @@
+"""Shared fixtures: an 8-device mesh and jitted, sharded runs on it; float64 across jax versions.
+
+`make test` runs the tests marked ``multidevice`` in their own process with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``; without it they skip.
+"""
+
+import jax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+N_DEVICES = 8
+AXIS = "data"
+SPLIT = P(AXIS)  # the leading axis split across the devices
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("multidevice") and jax.device_count() < N_DEVICES:
+        pytest.skip(f"needs XLA_FLAGS=--xla_force_host_platform_device_count={N_DEVICES}")
+
+
+@pytest.fixture(scope="session")
+def mesh():
+    """A one-axis mesh over the 8 devices, axis name ``"data"``."""
+    return jax.make_mesh((N_DEVICES,), (AXIS,))
+
+
+@pytest.fixture(scope="session")
+def shard(mesh):
+    """``shard(tree, spec=P("data"))``: the tree on the mesh, each leaf split by ``spec``."""
+
+    def put(tree, spec=SPLIT):
+        return jax.device_put(tree, NamedSharding(mesh, spec))
+
+    return put
+
+
+@pytest.fixture(scope="session")
+def jit_shard_map(mesh):
+    """``jit_shard_map(f, in_specs, out_specs, **kwargs)``: ``f`` under jit and shard_map."""
+
+    def wrap(f, in_specs, out_specs, **kwargs):
+        return jax.jit(
+            jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **kwargs)
+        )
+
+    return wrap
+
+
+@pytest.fixture(scope="session")
+def run_steps():
+    """``run_steps(tx, params, grad_steps, put=identity)``: ``(updates per step, last state)``.
+
+    One jitted ``tx.update`` over the steps; ``put`` places params and gradients (e.g. ``shard``).
+    """
+
+    def run(tx, params, grad_steps, put=lambda tree: tree):
+        state = tx.init(put(params))
+        update = jax.jit(tx.update)
+        outs = []
+        for grads in grad_steps:
+            out, state = update(put(grads), state, put(params))
+            outs.append(out)
+        return outs, state
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def enable_x64():
+    """``with enable_x64(True):`` float64 on, from the jax floor up (``jax.enable_x64``: 0.8+)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64
+    from jax.experimental import enable_x64
+
+    return enable_x64
