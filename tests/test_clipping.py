@@ -133,17 +133,6 @@ class ClipByGlobalNormTest(chex.TestCase):
             np.testing.assert_allclose(out["w"][0], value / max(abs(value), 1.0), rtol=1e-6)
             np.testing.assert_allclose(state.grad_norm, abs(value), rtol=1e-6)
 
-    def test_float64_gradients_beyond_float32_under_x64(self):
-        """Summed in float32, a float64 gradient of 1e39 had norm inf and was zeroed."""
-        with jax.enable_x64(True):
-            tx = jaxstab.clip_by_global_norm(1.0)
-            grads = {"w": jnp.array([1e39, -1e39], jnp.float64), "b": jnp.ones(2, jnp.float32)}
-            out, state = jax.jit(tx.update)(grads, tx.init(grads))
-            np.testing.assert_allclose(out["w"], [0.5**0.5, -(0.5**0.5)], rtol=1e-12)
-            assert out["w"].dtype == jnp.float64 and out["b"].dtype == jnp.float32
-            assert bool(state.clipped) and state.grad_norm.dtype == jnp.float32  # telemetry
-
-
 @jax.jit
 def clip_with(grads, max_norm):
     return jaxstab.clip_by_global_norm(max_norm).update(grads, None)[0]
@@ -229,23 +218,6 @@ class AdaptiveGradClipTest(chex.TestCase):
         tx = jaxstab.adaptive_grad_clip(0.5)
         out, _ = tx.update(grads, tx.init(params), params)
         np.testing.assert_allclose(out["Dense_0"]["kernel"], 0.5, rtol=1e-5)  # unit norm 1 = .5*2
-
-    def test_complex_and_float64_gradients_use_their_modulus_in_full_range(self):
-        """Complex units are clipped by their modulus, the telemetry counts an excluded complex
-        leaf by its modulus, and float64 units beyond float32's range are clipped (x64)."""
-        c64 = lambda shape, value: jnp.full(shape, value, jnp.complex64)
-        params = {"Dense_0": {"kernel": c64((4, 2), 1 + 1j)}, "head": c64((2,), 1)}
-        grads = {"Dense_0": {"kernel": c64((4, 2), 1e20j)}, "head": c64((2,), 0).at[0].set(1e20j)}
-        tx = jaxstab.adaptive_grad_clip(0.5, exclude="head")
-        out, state = tx.update(grads, tx.init(params), params)
-        unit = 0.5 * np.sqrt(8.0)  # clipping x ||w|| per unit: 4 entries of modulus sqrt(2)
-        np.testing.assert_allclose(out["Dense_0"]["kernel"], 1j * unit / 2, rtol=1e-5)
-        np.testing.assert_allclose(state.grad_norm, 1e20 * np.sqrt(9.0), rtol=1e-5)
-        with jax.enable_x64(True):
-            params = {"Dense_0": {"kernel": jnp.ones((4, 2), jnp.float64)}}
-            grads = {"Dense_0": {"kernel": jnp.full((4, 2), 1e39, jnp.float64)}}
-            out, _ = tx.update(grads, tx.init(params), params)
-            np.testing.assert_allclose(out["Dense_0"]["kernel"], 0.5, rtol=1e-12)
 
     def test_errors(self):
         with pytest.raises(ValueError, match="clipping must be in"):
@@ -359,3 +331,32 @@ def test_agc_telemetry_through_chain():
     assert set(tel) == {"0/adaptive_grad_clip/grad_norm", "0/adaptive_grad_clip/clip_fraction"}
     np.testing.assert_allclose(tel["0/adaptive_grad_clip/grad_norm"], tree_norm(grads), rtol=1e-5)
     assert 0.0 < float(tel["0/adaptive_grad_clip/clip_fraction"]) <= 1.0
+
+
+def test_float64_gradients_beyond_float32_under_x64(enable_x64):
+    """Summed in float32, a float64 gradient of 1e39 had norm inf and was zeroed."""
+    with enable_x64(True):
+        tx = jaxstab.clip_by_global_norm(1.0)
+        grads = {"w": jnp.array([1e39, -1e39], jnp.float64), "b": jnp.ones(2, jnp.float32)}
+        out, state = jax.jit(tx.update)(grads, tx.init(grads))
+        np.testing.assert_allclose(out["w"], [0.5**0.5, -(0.5**0.5)], rtol=1e-12)
+        assert out["w"].dtype == jnp.float64 and out["b"].dtype == jnp.float32
+        assert bool(state.clipped) and state.grad_norm.dtype == jnp.float32  # telemetry
+
+
+def test_complex_and_float64_gradients_use_their_modulus_in_full_range(enable_x64):
+    """Complex units are clipped by their modulus, the telemetry counts an excluded complex
+    leaf by its modulus, and float64 units beyond float32's range are clipped (x64)."""
+    c64 = lambda shape, value: jnp.full(shape, value, jnp.complex64)
+    params = {"Dense_0": {"kernel": c64((4, 2), 1 + 1j)}, "head": c64((2,), 1)}
+    grads = {"Dense_0": {"kernel": c64((4, 2), 1e20j)}, "head": c64((2,), 0).at[0].set(1e20j)}
+    tx = jaxstab.adaptive_grad_clip(0.5, exclude="head")
+    out, state = tx.update(grads, tx.init(params), params)
+    unit = 0.5 * np.sqrt(8.0)  # clipping x ||w|| per unit: 4 entries of modulus sqrt(2)
+    np.testing.assert_allclose(out["Dense_0"]["kernel"], 1j * unit / 2, rtol=1e-5)
+    np.testing.assert_allclose(state.grad_norm, 1e20 * np.sqrt(9.0), rtol=1e-5)
+    with enable_x64(True):
+        params = {"Dense_0": {"kernel": jnp.ones((4, 2), jnp.float64)}}
+        grads = {"Dense_0": {"kernel": jnp.full((4, 2), 1e39, jnp.float64)}}
+        out, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_allclose(out["Dense_0"]["kernel"], 0.5, rtol=1e-12)

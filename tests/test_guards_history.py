@@ -61,9 +61,9 @@ def test_endless_warmup_skips_only_non_finite_steps(warmup_steps):
     np.testing.assert_array_equal(skipped, np.isnan(norms))
 
 
-def test_float64_gradients_beyond_float32_are_not_skipped_under_x64():
+def test_float64_gradients_beyond_float32_are_not_skipped_under_x64(enable_x64):
     """Summed in float32, a finite float64 gradient of 1e39 had norm inf and was skipped."""
-    with jax.enable_x64(True):
+    with enable_x64(True):
         tx = skip_anomalies(optax.sgd(1.0))
         params = {"w": jnp.zeros(2, jnp.float64)}
         updates, state = jax.jit(tx.update)({"w": jnp.array([1e39, 0.0])}, tx.init(params), params)

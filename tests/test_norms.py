@@ -121,26 +121,6 @@ class GlobalNormTest(chex.TestCase):
                 np.testing.assert_allclose(got, abs(value), rtol=1e-6)
         np.testing.assert_allclose(optax.tree.norm([jnp.array([1e-12j])]), 1e-12, rtol=1e-6)
 
-    def test_float64_leaves_are_summed_in_float64_under_x64(self):
-        """Summed in float32, a float64 gradient of 1e39 had norm inf and one of 1e-40 norm 0."""
-        with jax.enable_x64(True):
-            f64 = lambda *v: jnp.array(v, jnp.float64)
-            cases = [
-                ([f64(1e39, 0.0)], 1e39),
-                ([f64(1e-40)], 1e-40),
-                ([f64(1e200, 1e200)], np.sqrt(2) * 1e200),  # float64's own rescue
-                ([f64(3e-145, 4e-145)], 5e-145),
-                ([f64(1e39), jnp.ones((4,), jnp.float32)], 1e39),  # mixed: float64 wins
-                ([jnp.array([1e39j], jnp.complex128)], 1e39),
-            ]
-            for leaves, want in cases:
-                got = jaxstab.global_norm(leaves)
-                assert got.dtype == jnp.float64
-                np.testing.assert_allclose(got, want, rtol=1e-12)
-                np.testing.assert_allclose(_norms.leaf_norms(leaves)[0], want, rtol=1e-12)
-            # float32 and narrower keep their float32 promise under x64 too.
-            assert jaxstab.global_norm([jnp.ones(3, jnp.float32)]).dtype == jnp.float32
-
     def test_many_small_leaves_are_grouped_in_the_rescue(self):
         leaves = [jnp.full((5,), 1e20) for _ in range(40)]
         np.testing.assert_allclose(jaxstab.global_norm(leaves), np.sqrt(200) * 1e20, rtol=1e-6)
@@ -222,3 +202,24 @@ def test_flax_unit_axes(path, shape, axes):
 def test_flax_unit_axes_unknown_rank():
     with pytest.raises(ValueError, match="axis= or unit_axes="):
         jaxstab.flax_unit_axes((jax.tree_util.DictKey("w"),), (2, 2, 2, 2, 2, 2))
+
+
+def test_float64_leaves_are_summed_in_float64_under_x64(enable_x64):
+    """Summed in float32, a float64 gradient of 1e39 had norm inf and one of 1e-40 norm 0."""
+    with enable_x64(True):
+        f64 = lambda *v: jnp.array(v, jnp.float64)
+        cases = [
+            ([f64(1e39, 0.0)], 1e39),
+            ([f64(1e-40)], 1e-40),
+            ([f64(1e200, 1e200)], np.sqrt(2) * 1e200),  # float64's own rescue
+            ([f64(3e-145, 4e-145)], 5e-145),
+            ([f64(1e39), jnp.ones((4,), jnp.float32)], 1e39),  # mixed: float64 wins
+            ([jnp.array([1e39j], jnp.complex128)], 1e39),
+        ]
+        for leaves, want in cases:
+            got = jaxstab.global_norm(leaves)
+            assert got.dtype == jnp.float64
+            np.testing.assert_allclose(got, want, rtol=1e-12)
+            np.testing.assert_allclose(_norms.leaf_norms(leaves)[0], want, rtol=1e-12)
+        # float32 and narrower keep their float32 promise under x64 too.
+        assert jaxstab.global_norm([jnp.ones(3, jnp.float32)]).dtype == jnp.float32

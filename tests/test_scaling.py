@@ -73,9 +73,9 @@ def test_complex_gradients_are_normalized_by_their_modulus():
         np.testing.assert_allclose(state.grad_norm, abs(value), rtol=1e-6)
 
 
-def test_float64_gradients_beyond_float32_under_x64():
+def test_float64_gradients_beyond_float32_under_x64(enable_x64):
     """Summed in float32, a float64 1e39 had norm inf (zeroed) and 1e-40 norm 0 (zeroed)."""
-    with jax.enable_x64(True):
+    with enable_x64(True):
         tx = normalize_by_global_norm(1.0, eps=1e-300)
         for value in (1e39, 1e-40, 1e-300):
             out, _ = jax.jit(tx.update)({"w": jnp.array([value, 0.0], jnp.float64)}, None)
