@@ -111,24 +111,24 @@ def _eval_selecting(jaxpr, consts, args, replace: dict, skip, plain_jit) -> list
     env.update(zip(jaxpr.invars, args, strict=True))
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        pushed: dict = {}  # inner variable -> old value, for calls evaluated inline
+        pushed: dict = {}  # inner variable -> old value, for a call evaluated inline
+        done: set = set()  # outer variables whose select happens inside that call
         if any(v in replace for v in eqn.outvars) and _inlinable(eqn, plain_jit):
             body = eqn.params["jaxpr"]
             produced = {v for e in body.jaxpr.eqns for v in e.outvars}
             returned = collections.Counter(v for v in body.jaxpr.outvars if isinstance(v, Var))
             for outer, v in zip(eqn.outvars, body.jaxpr.outvars, strict=True):
-                if outer in replace and v in produced and returned[v] == 1:
+                if outer in replace and isinstance(v, Var) and v in produced and returned[v] == 1:
                     pushed[v] = replace[outer]
+                    done.add(outer)
         if pushed:
             outs = _eval_selecting(body.jaxpr, body.consts, invals, pushed, skip, plain_jit)
-            done = {o for o, v in zip(eqn.outvars, body.jaxpr.outvars, strict=True) if v in pushed}
         else:
             params = eqn.primitive.get_bind_params(eqn.params)
             subfuns, params = params if isinstance(params, tuple) else ((), params)  # older jax
             with getattr(getattr(eqn, "ctx", None), "manager", contextlib.nullcontext()):
                 outs = eqn.primitive.bind(*subfuns, *invals, **params)
             outs = outs if eqn.primitive.multiple_results else [outs]
-            done = set()
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = _select(skip, replace[v], x) if v in replace and v not in done else x
     return [read(v) for v in jaxpr.outvars]
