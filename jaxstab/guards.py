@@ -43,17 +43,21 @@ from jaxstab.telemetry import telemetry_state
 # difference on skipped ones; XLA then writes each selected moment in place once and the
 # parameter update reads it, as in plain Adam.
 #
-# Safety rules of the re-evaluation (the "fast path"):
+# Rules of the re-evaluation (the fast path):
 # - A value is replaced where it is computed: by a top-level equation, or inside a nested
 #   ``jax.jit`` call when that call can be inlined without loss (its parameters are those of a
 #   plain ``jax.jit``: no shardings, layouts, donation or compiler options) and the inner value is
 #   computed inside it and returned exactly once. Any other new-state leaf (a constant, an input
 #   passed through, one value returned into several leaves, the output of a ``cond``/``scan``/
-#   sharded ``jit``) is selected right after the equation that returns it.
+#   sharded ``jit``) is selected right after the equation that returns it, so it keeps what that
+#   equation says about its sharding.
 # - A jaxpr with side effects (callbacks, debug prints) is not re-evaluated, nor one whose
 #   tracing or re-evaluation raises, nor one whose re-evaluated outputs differ in type from the
 #   trace: those run the plain inner update (which raises a user's own error) and select every
-#   new state leaf after it.
+#   new state leaf after it. The re-evaluation uses JAX's jaxpr interpreter API (``Literal``,
+#   ``Var``, ``Primitive.get_bind_params``, ``JaxprEqn.ctx``); should a JAX release change it, the
+#   guard stays correct on the plain path and tests/test_guards_catalogue.py reports the optimizers
+#   that left the fast path.
 
 
 def _select(skip: jax.Array, old, new) -> jax.Array:
@@ -83,7 +87,8 @@ _PLAIN_JIT = jax.jit(lambda x: x)  # traced at each update: the parameters of a 
 
 def _inlinable(eqn, plain_jit) -> bool:
     """Whether the call ``eqn`` is a ``jax.jit`` that inlining loses nothing from: its parameters
-    equal those of ``plain_jit`` (a plain ``jax.jit`` equation traced here), except its body."""
+    equal those of ``plain_jit`` (a plain one-argument ``jax.jit`` traced here, whose one-element
+    tuples are per-argument settings), except its body, name and tracing options."""
     if eqn.primitive is not plain_jit.primitive:
         return False
     free = {"jaxpr", "name", "inline", "keep_unused"}
@@ -222,8 +227,12 @@ def skip_anomalies(
     A step is skipped when its gradients are not all finite, when their global norm exceeds
     ``max_norm`` (if given), or -- after ``warmup_steps`` accepted steps -- when the norm's
     z-score ``(g - mean) / (std + eps)`` against running statistics exceeds ``z_threshold``. A
-    skipped step returns all-zero updates and the inner optimizer's state exactly as it was (bit
-    for bit: Adam's moments and step count do not move), so the step never happened.
+    skipped step returns all-zero updates (every numeric leaf, in its dtype, integers too) and
+    the inner optimizer's state exactly as it was (bit for bit: Adam's moments and step count do
+    not move), so the step never happened. An accepted step returns what ``inner`` returns, and
+    each state leaf keeps the sharding ``inner`` gives it. This holds for any inner
+    transformation, with or without extra arguments (``value=``, ``grad=``, ``value_fn=``...,
+    passed through).
 
     The statistics are those of :func:`jaxstab.zscore_clip` (exact mean and variance over the
     warm-up, EMAs with ``decay`` after) and learn from accepted norms. A non-finite or over
@@ -233,8 +242,18 @@ def skip_anomalies(
     widen the band, and a lasting change of the norm's level (a new data mix, unfrozen layers) is
     learned within a few dozen steps instead of skipping every later step.
 
-    Cost: one global norm, and one select per inner-state leaf with a scalar predicate that XLA
-    fuses into the inner optimizer's own elementwise update (no state copy).
+    Cost: one global norm, and one select per inner-state leaf with a scalar predicate. On the
+    fast path, which every optimizer of optax takes, each select sits where the inner update
+    computes the new value, so XLA fuses it into the inner optimizer's own elementwise update and
+    writes the state in place, with no copy of the donated state. The fast path traces the inner
+    update once and evaluates it again with the selects inserted: inside a nested ``jax.jit``
+    only when inlining that call loses nothing (no shardings, layouts, donation or compiler
+    options) and the value is computed inside it and returned once, otherwise right after the
+    call or control-flow construct that returns it. It is not taken when the inner update has
+    side effects (callbacks, debug prints), cannot be traced to a jaxpr (Python control flow on
+    values, outside ``jit``), or when its re-evaluation fails or gives an output of another type:
+    then ``inner.update`` runs as it is (its side effects run once, its errors are its own) and
+    every state leaf is selected after it -- as correct, at the cost of a copy of the state.
 
     Args:
       inner: the transformation to guard, e.g. ``optax.adam(1e-3)``.
