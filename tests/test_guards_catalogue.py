@@ -19,9 +19,13 @@ import numpy as np
 import optax
 import optax.contrib
 import pytest
+from jax.experimental import io_callback
 
 from jaxstab import guards
 from jaxstab.guards import skip_anomalies
+
+# optax.noisy_sgd's default key and optax.optimistic_adam are deprecated
+pytestmark = pytest.mark.filterwarnings("ignore:Specifying a key", "ignore:`optimistic_adam`")
 
 PARAMS = {"w": jnp.array([[0.5, -1.0, 2.0], [0.25, 0.75, -0.5]]), "b": jnp.array([0.3, -0.2])}
 TARGET = jax.tree.map(lambda p: 0.5 - p[::-1], PARAMS)
@@ -116,7 +120,7 @@ def soft_vjp(x):
 
 soft_vjp.defvjp(lambda x: (soft_vjp(x), None), lambda _, g: (g,))
 
-IO_CALLS = []  # arguments io_callback saw, one entry per call
+IO_CALLS = []  # one entry per call of the io_callback below
 
 
 def _io_moment(m, g):
@@ -181,7 +185,7 @@ HAND_WRITTEN = {
         )
     ),
     "io_callback": lambda: momentum_like(
-        lambda c, m, g: jax.experimental.io_callback(
+        lambda c, m, g: io_callback(
             _io_moment, jax.ShapeDtypeStruct(m.shape, m.dtype), m, g
         )
     ),
@@ -226,11 +230,15 @@ def _extra_args(name, params, grad) -> dict:
     return {k: extra[k] for k in wanted}
 
 
+def _initial_params(name):
+    """PARAMS, as fast and slow copies for lookahead."""
+    return optax.LookaheadParams.init_synced(PARAMS) if name.startswith("lookahead") else PARAMS
+
+
 def _run(name, tx, kinds):
     """Runs ``tx`` over steps of ``kinds`` from PARAMS (one jitted step), the parameters following
     the updates. Returns the states (the initial one first) and the updates."""
-    lookahead = name.startswith("lookahead")  # its parameters are fast and slow copies
-    trained = (lambda p: p.fast) if lookahead else (lambda p: p)
+    trained = (lambda p: p.fast) if name.startswith("lookahead") else (lambda p: p)
 
     @jax.jit
     def step(params, state, kind):
@@ -242,7 +250,7 @@ def _run(name, tx, kinds):
         updates, state = tx.update(grad, state, params, **extra)
         return optax.apply_updates(params, updates), state, updates
 
-    params = optax.LookaheadParams.init_synced(PARAMS) if lookahead else PARAMS
+    params = _initial_params(name)
     state = tx.init(params)
     states, updates = [state], []
     for kind in kinds:
@@ -278,10 +286,6 @@ def assert_close(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
         else:
             np.testing.assert_array_equal(g, w)
-
-
-# optax.noisy_sgd's default key and optax.optimistic_adam are deprecated
-pytestmark = pytest.mark.filterwarnings("ignore:Specifying a key", "ignore:`optimistic_adam`")
 
 
 @pytest.mark.parametrize("name", list(CATALOGUE))
@@ -331,7 +335,7 @@ def test_which_optimizers_take_the_fast_path(name, monkeypatch):
     select_in_place = guards._select_in_place
     monkeypatch.setattr(guards, "_select_in_place", recording)
     tx = skip_anomalies(CATALOGUE[name]())
-    params = optax.LookaheadParams.init_synced(PARAMS) if name.startswith("lookahead") else PARAMS
+    params = _initial_params(name)
     extra = _extra_args(name, PARAMS, PARAMS)
     jax.eval_shape(lambda s: tx.update(PARAMS, s, params, **extra), tx.init(params))
     assert taken == [name not in FALLBACK]
