@@ -235,29 +235,33 @@ def _initial_params(name):
     return optax.LookaheadParams.init_synced(PARAMS) if name.startswith("lookahead") else PARAMS
 
 
-def _run(name, tx, kinds):
-    """Runs ``tx`` over steps of ``kinds`` from PARAMS (one jitted step), the parameters following
-    the updates. Returns the states (the initial one first) and the updates."""
+def _runs(name, guarded, plain):
+    """Runs ``guarded`` over STEPS and ``plain`` over their "ok" steps from PARAMS, the parameters
+    following the updates, with one jitted step for both (one compilation). Returns each run as a
+    list of ``(params, state, updates)``, the first without updates."""
     trained = (lambda p: p.fast) if name.startswith("lookahead") else (lambda p: p)
 
-    @jax.jit
-    def step(params, state, kind):
+    def run_step(tx, params, state, kind):
         grad = jax.tree.map(
             lambda g: g * jnp.where(kind == 1, jnp.nan, 1.0) + jnp.where(kind == 2, 1e5, 0.0),
             jax.grad(loss_fn)(trained(params)),
         )
-        extra = _extra_args(name, trained(params), grad)
-        updates, state = tx.update(grad, state, params, **extra)
+        updates, state = tx.update(grad, state, params, **_extra_args(name, trained(params), grad))
         return optax.apply_updates(params, updates), state, updates
 
+    @jax.jit
+    def step(guarded_run, plain_run, kind):
+        return run_step(guarded, *guarded_run, kind), run_step(plain, *plain_run, KINDS["ok"])
+
     params = _initial_params(name)
-    state = tx.init(params)
-    states, updates = [state], []
-    for kind in kinds:
-        params, state, u = step(params, state, KINDS[kind])
-        states.append(state)
-        updates.append(u)
-    return states, updates
+    guarded_runs = [(params, guarded.init(params), None)]
+    plain_runs = [(params, plain.init(params), None)]
+    for kind in STEPS:
+        guarded_run, plain_run = step(guarded_runs[-1][:2], plain_runs[-1][:2], KINDS[kind])
+        guarded_runs.append(guarded_run)
+        if kind == "ok":  # the plain run never sees the bad steps
+            plain_runs.append(plain_run)
+    return guarded_runs, plain_runs
 
 
 def _as_numpy(tree):
@@ -293,28 +297,31 @@ def test_skipped_steps_never_happened(name):
     inner = CATALOGUE[name]()
     assert isinstance(inner, optax.GradientTransformation)
     guarded = skip_anomalies(inner, max_norm=MAX_NORM, warmup_steps=1000)
-    guarded_states, guarded_updates = _run(name, guarded, STEPS)
-    plain_states, plain_updates = _run(name, CATALOGUE[name](), [k for k in STEPS if k == "ok"])
+    guarded_runs, plain_runs = _runs(name, guarded, CATALOGUE[name]())
     accepted = 0
     for i, kind in enumerate(STEPS):
-        before, after = guarded_states[i], guarded_states[i + 1]
+        (_, before, _), (_, after, updates) = guarded_runs[i : i + 2]
         if kind == "ok":
             accepted += 1
+            _, plain_state, plain_updates = plain_runs[accepted]
             assert not bool(after.skipped)
-            assert_close(guarded_updates[i], plain_updates[accepted - 1])
-            assert_close(after.inner_state, plain_states[accepted])
+            assert_close(updates, plain_updates)
+            assert_close(after.inner_state, plain_state)
         else:
             assert bool(after.skipped)
             assert_bit_identical(after.inner_state, before.inner_state)
-            zeros = jax.tree.map(jnp.zeros_like, plain_updates[0])
-            assert_bit_identical(guarded_updates[i], zeros)
-    assert accepted == len(plain_updates)
+            assert_bit_identical(updates, jax.tree.map(jnp.zeros_like, plain_runs[1][2]))
+    assert accepted == len(plain_runs) - 1
 
 
 def test_side_effects_run_once_per_step():
+    tx = skip_anomalies(CATALOGUE["io_callback"](), warmup_steps=1)
+    state, update = tx.init(PARAMS), jax.jit(tx.update)
     IO_CALLS.clear()
-    _run("io_callback", skip_anomalies(CATALOGUE["io_callback"]()), STEPS)
-    assert len(IO_CALLS) == 2 * len(STEPS)  # one call per leaf and step, skipped steps too
+    for scale in (1.0, np.nan, 1.0):
+        _, state = update(jax.tree.map(lambda p, s=scale: p * s, PARAMS), state)
+    assert int(state.skipped_total) == 1
+    assert len(IO_CALLS) == 2 * 3  # one call per leaf and step, skipped steps too
 
 
 # Inners whose update the guard does not re-evaluate in place, and whose state it selects after the
