@@ -100,12 +100,16 @@ def optimizer_steps(variants: dict[str, optax.GradientTransformation]):
     return {name: (optimizer_step(tx), tx.init) for name, tx in variants.items()}
 
 
-def size_from_args(description: str) -> tuple[int, int]:
-    """Parses the benchmarks' shared ``--quick`` flag: ``(total params, repetitions)``."""
+def quick_from_args(description: str) -> bool:
+    """Parses the benchmarks' shared ``--quick`` flag (a short smoke run)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, smaller tree")
-    quick = parser.parse_args().quick
-    return (2_000_000, 8) if quick else (10_000_000, 40)
+    return parser.parse_args().quick
+
+
+def size_from_args(description: str) -> tuple[int, int]:
+    """Parses ``--quick`` (see :func:`quick_from_args`): ``(total params, repetitions)``."""
+    return (2_000_000, 8) if quick_from_args(description) else (10_000_000, 40)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

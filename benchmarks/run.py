@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_clip.py", "bench_adaptive.py", "bench_batchnorm.py", "bench_recovery.py"]
+BENCHMARKS = [
+    "bench_clip.py",
+    "bench_adaptive.py",
+    "bench_batchnorm.py",
+    "bench_recovery.py",
+    "bench_compile.py",
+]
 
 
 def main() -> int:

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -36,80 +38,166 @@ from jaxstab.telemetry import telemetry_state
 # overwritten unless it is first copied away (3-4x the cost of Adam on CPU). The fix is to let
 # every later computation read the *selected* value, as plain Adam's update reads the new moments:
 # the inner update is traced once, then re-evaluated with each new-state value replaced, right
-# where it is computed, by ``where(skip, old, new)``. Values are unchanged on accepted steps
-# (``where(False, old, new)`` is ``new`` bit for bit) and only the zeroed update sees the
+# where it is computed, by ``select(skip, old, new)``. Values are unchanged on accepted steps
+# (``select(False, old, new)`` is ``new`` bit for bit) and only the zeroed update sees the
 # difference on skipped ones; XLA then writes each selected moment in place once and the
 # parameter update reads it, as in plain Adam.
+#
+# Rules of the re-evaluation (the fast path):
+# - A value is replaced where it is computed: by a top-level equation, or inside a nested
+#   ``jax.jit`` call when that call can be inlined without loss (its parameters are those of a
+#   plain ``jax.jit``: no shardings, layouts, donation or compiler options) and the inner value is
+#   computed inside it and returned exactly once. Any other new-state leaf (a constant, an input
+#   passed through, one value returned into several leaves, the output of a ``cond``/``scan``/
+#   sharded ``jit``) is selected right after the equation that returns it, so it keeps what that
+#   equation says about its sharding.
+# - A jaxpr with side effects (callbacks, debug prints) is not re-evaluated, nor one whose
+#   tracing or re-evaluation raises, nor one whose re-evaluated outputs differ in type from the
+#   trace: those run the plain inner update (which raises a user's own error) and select every
+#   new state leaf after it. The re-evaluation uses JAX's jaxpr interpreter API (``Literal``,
+#   ``Var``, ``Primitive.get_bind_params``, ``JaxprEqn.ctx``); should a JAX release change it, the
+#   guard stays correct on the plain path and tests/test_guards_catalogue.py reports the optimizers
+#   that left the fast path.
 
 
-def _eval_selecting(jaxpr, consts, args, replace, skip) -> tuple[list, set]:
+def _select(skip: jax.Array, old, new) -> jax.Array:
+    """``old`` if ``skip`` else ``new``, bit for bit, in ``new``'s type: one scalar-predicate
+    select, which XLA fuses into the computation of ``new``."""
+    new = jnp.asarray(new)
+    old = jnp.asarray(old)
+    if old.dtype != new.dtype:
+        old = old.astype(new.dtype)
+    return jax.lax.select(skip, jnp.broadcast_to(old, new.shape), new)
+
+
+def _zero_if(skip: jax.Array, tree):
+    """``tree`` with every numeric or bool leaf replaced by zeros of its dtype where ``skip``."""
+
+    def zero(x):
+        x = jnp.asarray(x)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+            return x  # PRNG keys and other extended dtypes have no zero
+        return jax.lax.select(skip, jnp.zeros_like(x), x)
+
+    return jax.tree.map(zero, tree)
+
+
+_PLAIN_JIT = jax.jit(lambda x: x)  # traced at each update: the parameters of a plain ``jax.jit``
+
+
+def _inlinable(eqn, plain_jit) -> bool:
+    """Whether the call ``eqn`` is a ``jax.jit`` that inlining loses nothing from: its parameters
+    equal those of ``plain_jit`` (a plain one-argument ``jax.jit`` traced here, whose one-element
+    tuples are per-argument settings), except its body, name and tracing options."""
+    if eqn.primitive is not plain_jit.primitive:
+        return False
+    free = {"jaxpr", "name", "inline", "keep_unused"}
+    for key, value in eqn.params.items():
+        if key in free:
+            continue
+        if key not in plain_jit.params:
+            return False
+        plain = plain_jit.params[key]
+        if isinstance(plain, tuple) and len(plain) == 1:  # per-argument: all must be plain
+            if not all(v == plain[0] for v in value):
+                return False
+        elif value != plain:
+            return False
+    return True
+
+
+def _eval_selecting(jaxpr, consts, args, replace: dict, skip, plain_jit) -> list:
     """Evaluates ``jaxpr`` like ``jax.core.eval_jaxpr``; each variable ``v`` in ``replace`` is
-    bound to ``where(skip, replace[v], value)`` as soon as it is computed, also inside nested
-    ``jit`` calls. Returns the outputs and the variables of ``replace`` that were replaced."""
+    bound to ``select(skip, replace[v], value)`` as soon as it is computed, inside nested ``jit``
+    calls where they are :func:`_inlinable` and ``v`` is computed inside and returned once."""
     env: dict = {}
     read = lambda v: v.val if isinstance(v, Literal) else env[v]
     env.update(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, args, strict=True))
-    done = set()
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        hits = [v for v in eqn.outvars if v in replace]
-        inner_done: set = set()
-        if hits and "jaxpr" in eqn.params and eqn.primitive.name in ("jit", "pjit"):
-            closed = eqn.params["jaxpr"]
-            produced = {v for e in closed.jaxpr.eqns for v in e.outvars}
-            inner = {
-                iv: replace[ov]
-                for ov, iv in zip(eqn.outvars, closed.jaxpr.outvars, strict=True)
-                if ov in replace and iv in produced
-            }
-            outs, inner_replaced = _eval_selecting(closed.jaxpr, closed.consts, invals, inner, skip)
-            inner_done = {
-                ov
-                for ov, iv in zip(eqn.outvars, closed.jaxpr.outvars, strict=True)
-                if iv in inner_replaced
-            }
+        pushed: dict = {}  # inner variable -> old value, for a call evaluated inline
+        done: set = set()  # outer variables whose select happens inside that call
+        if any(v in replace for v in eqn.outvars) and _inlinable(eqn, plain_jit):
+            body = eqn.params["jaxpr"]
+            produced = {v for e in body.jaxpr.eqns for v in e.outvars}
+            returned = collections.Counter(v for v in body.jaxpr.outvars if isinstance(v, Var))
+            for outer, v in zip(eqn.outvars, body.jaxpr.outvars, strict=True):
+                if outer in replace and isinstance(v, Var) and v in produced and returned[v] == 1:
+                    pushed[v] = replace[outer]
+                    done.add(outer)
+        if pushed:
+            outs = _eval_selecting(body.jaxpr, body.consts, invals, pushed, skip, plain_jit)
         else:
             params = eqn.primitive.get_bind_params(eqn.params)
             subfuns, params = params if isinstance(params, tuple) else ((), params)  # older jax
             with getattr(getattr(eqn, "ctx", None), "manager", contextlib.nullcontext()):
                 outs = eqn.primitive.bind(*subfuns, *invals, **params)
-            if not eqn.primitive.multiple_results:
-                outs = [outs]
+            outs = outs if eqn.primitive.multiple_results else [outs]
         for v, x in zip(eqn.outvars, outs, strict=True):
-            if v in replace and v not in inner_done:
-                x = jnp.where(skip, replace[v], x)
-            if v in replace:
-                done.add(v)
-            env[v] = x
-    return [read(v) for v in jaxpr.outvars], done
+            env[v] = _select(skip, replace[v], x) if v in replace and v not in done else x
+    return [read(v) for v in jaxpr.outvars]
 
 
-def _update_or_keep(inner, skip, updates, state, params, extra_args):
-    """``inner.update(...)``, with the new state ``where(skip, state, new_state)`` leaf by leaf and
-    the updates computed from that selected state (see above); the updates still need zeroing."""
-    closed, shapes = jax.make_jaxpr(
-        lambda u, s: inner.update(u, s, params, **extra_args), return_shape=True
-    )(updates, state)
-    jaxpr = closed.jaxpr
-    n_updates = len(jax.tree.leaves(shapes[0]))
-    olds = jax.tree.leaves(state)
+def _same_type(x, aval) -> bool:
+    got = jax.typeof(x)
+    return (got.shape, got.dtype, got.weak_type) == (aval.shape, aval.dtype, aval.weak_type)
+
+
+def _select_in_place(closed, n_updates: int, skip, updates, state) -> list | None:
+    """The fast path: ``closed`` (the traced inner update, ``n_updates`` update leaves first)
+    re-evaluated with each new-state leaf selected where it is computed (see above). Returns the
+    flat outputs, or None where the rules above send the step to the plain path."""
+    jaxpr, olds = closed.jaxpr, jax.tree.leaves(state)
     state_vars = jaxpr.outvars[n_updates:]
+    if closed.effects or len(state_vars) != len(olds):
+        return None
     produced = {v for e in jaxpr.eqns for v in e.outvars}
     owner: dict = {}  # new-state variable -> index of the state leaf whose old value replaces it
     for i, v in enumerate(state_vars):
         if isinstance(v, Var) and v in produced:
             owner.setdefault(v, i)
     replace = {v: olds[i] for v, i in owner.items()}
-    outs, _ = _eval_selecting(
-        jaxpr, closed.consts, jax.tree.leaves((updates, state)), replace, skip
-    )
-    new_leaves = [
-        x if isinstance(v, Var) and owner.get(v) == i else jnp.where(skip, olds[i], x)
+    plain_jit = jax.make_jaxpr(_PLAIN_JIT)(jnp.float32(0)).eqns[0]
+    args = jax.tree.leaves((updates, state))
+    try:
+        outs = _eval_selecting(jaxpr, closed.consts, args, replace, skip, plain_jit)
+    except Exception:  # any failure of the re-evaluation takes the plain path
+        return None
+    typed = zip(outs, jaxpr.outvars, closed.out_avals, strict=True)
+    if not all(_same_type(x, aval) for x, v, aval in typed if isinstance(v, Var)):
+        return None
+    return outs[:n_updates] + [
+        x if isinstance(v, Var) and owner.get(v) == i else _select(skip, olds[i], x)
         for i, (v, x) in enumerate(zip(state_vars, outs[n_updates:], strict=True))
     ]
-    new_updates = jax.tree.unflatten(jax.tree.structure(shapes[0]), outs[:n_updates])
-    return new_updates, jax.tree.unflatten(jax.tree.structure(shapes[1]), new_leaves)
+
+
+def _update_or_keep(inner, skip, updates, state, params, extra_args):
+    """``inner.update(...)``, with the new state ``select(skip, state, new_state)`` leaf by leaf
+    and, on the fast path, the updates computed from that selected state (see above); the updates
+    still need zeroing."""
+    update = lambda u, s: inner.update(u, s, params, **extra_args)
+    try:
+        closed, shapes = jax.make_jaxpr(update, return_shape=True)(updates, state)
+    except Exception:  # e.g. Python control flow on values, outside jit: the plain path
+        outs = None
+    else:
+        n_updates = len(jax.tree.leaves(shapes[0]))
+        outs = _select_in_place(closed, n_updates, skip, updates, state)
+    if outs is None:
+        new_updates, new_state = update(updates, state)
+        olds, news = jax.tree.leaves(state), jax.tree.leaves(new_state)
+        if len(olds) != len(news):
+            raise ValueError(
+                "skip_anomalies: the inner update returned a state of structure "
+                f"{jax.tree.structure(new_state)} for one of structure {jax.tree.structure(state)}"
+            )
+        return new_updates, jax.tree.unflatten(
+            jax.tree.structure(new_state), list(map(functools.partial(_select, skip), olds, news))
+        )
+    treedef = jax.tree.structure(shapes)
+    return jax.tree.unflatten(treedef, outs)
 
 
 @telemetry_state("skip_anomalies", ("skipped", "skipped_total", "grad_norm", "threshold"))
@@ -139,8 +227,12 @@ def skip_anomalies(
     A step is skipped when its gradients are not all finite, when their global norm exceeds
     ``max_norm`` (if given), or -- after ``warmup_steps`` accepted steps -- when the norm's
     z-score ``(g - mean) / (std + eps)`` against running statistics exceeds ``z_threshold``. A
-    skipped step returns all-zero updates and the inner optimizer's state exactly as it was (bit
-    for bit: Adam's moments and step count do not move), so the step never happened.
+    skipped step returns all-zero updates (every numeric leaf, in its dtype, integers too) and
+    the inner optimizer's state exactly as it was (bit for bit: Adam's moments and step count do
+    not move), so the step never happened. An accepted step returns what ``inner`` returns, and
+    each state leaf keeps the sharding ``inner`` gives it. This holds for any inner
+    transformation, with or without extra arguments (``value=``, ``grad=``, ``value_fn=``...,
+    passed through).
 
     The statistics are those of :func:`jaxstab.zscore_clip` (exact mean and variance over the
     warm-up, EMAs with ``decay`` after, a standard deviation of at least 1% of the mean) and learn
@@ -152,8 +244,18 @@ def skip_anomalies(
     data mix, unfrozen layers) is learned instead of skipping every later step -- with the
     defaults, after a warm-up of equal norms, a jump by 2x within 25 steps and by 1000x within 70.
 
-    Cost: one global norm, and one select per inner-state leaf with a scalar predicate that XLA
-    fuses into the inner optimizer's own elementwise update (no state copy).
+    Cost: one global norm, and one select per inner-state leaf with a scalar predicate. On the
+    fast path, which every optimizer of optax takes, each select sits where the inner update
+    computes the new value, so XLA fuses it into the inner optimizer's own elementwise update and
+    writes the state in place, with no copy of the donated state. The fast path traces the inner
+    update once and evaluates it again with the selects inserted: inside a nested ``jax.jit``
+    only when inlining that call loses nothing (no shardings, layouts, donation or compiler
+    options) and the value is computed inside it and returned once, otherwise right after the
+    call or control-flow construct that returns it. It is not taken when the inner update has
+    side effects (callbacks, debug prints), cannot be traced to a jaxpr (Python control flow on
+    values, outside ``jit``), or when its re-evaluation fails or gives an output of another type:
+    then ``inner.update`` runs as it is (its side effects run once, its errors are its own) and
+    every state leaf is selected after it -- as correct, at the cost of a copy of the state.
 
     Args:
       inner: the transformation to guard, e.g. ``optax.adam(1e-3)``.
@@ -215,11 +317,11 @@ def skip_anomalies(
             threshold = jnp.minimum(threshold, _stats.as_f32(max_norm))
             learn &= norm <= _stats.as_f32(max_norm)
         skip = ~(jnp.isfinite(norm) & (norm <= threshold))
-        keep = (~skip).astype(jnp.float32)
-        # The inner update sees ``g * keep``, not ``g``: fed ``g`` itself, XLA merges Adam's
-        # ``g * g`` with the norm's (common subexpressions) and writes it out as a full array.
+        # The inner update sees ``g`` zeroed on a skipped step, not ``g``: fed ``g`` itself, XLA
+        # merges Adam's ``g * g`` with the norm's (common subexpressions) and writes it out as a
+        # full array.
         inner_updates, inner_state = _update_or_keep(
-            inner, skip, _norms.scale_tree(updates, keep), state.inner_state, params, extra_args
+            inner, skip, _zero_if(skip, updates), state.inner_state, params, extra_args
         )
         stats = _stats.mean_var_update(
             stats, jnp.minimum(norm, z_limit), decay=decay, warmup_steps=warmup_steps, accept=learn
@@ -232,7 +334,7 @@ def skip_anomalies(
             norm,
             threshold,
         )
-        return _norms.scale_tree(inner_updates, keep), new_state
+        return _zero_if(skip, inner_updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxstab
+from jaxstab import guards
 from jaxstab.adaptive import zscore_clip
 from jaxstab.guards import DynamicLossScale, all_finite, dynamic_loss_scale, skip_anomalies
 
@@ -196,17 +197,20 @@ def test_inject_hyperparams():
     assert bool(state.inner_state.skipped)
 
 
-def test_extra_args_reach_the_inner_transformation():
+@pytest.mark.parametrize("jit", [False, True])
+def test_extra_args_reach_the_inner_transformation(jit):
     seen = []
 
     def update_fn(updates, state, params=None, *, value=None, **extra):
         seen.append(value)
-        return updates, state
+        return jax.tree.map(lambda g: g * value, updates), state
 
     inner = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update_fn)
     tx = skip_anomalies(inner)
-    tx.update(grads_with_norm(1.0), tx.init(PARAMS), PARAMS, value=jnp.float32(3.0))
-    assert len(seen) == 1 and seen[0] is not None
+    update = jax.jit(tx.update) if jit else tx.update
+    updates, _ = update(grads_with_norm(1.0), tx.init(PARAMS), PARAMS, value=jnp.float32(3.0))
+    assert len(seen) == 1 and seen[0] is not None  # traced once: the fast path
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda g: 3.0 * g, grads_with_norm(1.0)))
 
 
 def test_state_leaves_that_share_a_value_or_pass_through():
@@ -229,17 +233,34 @@ def test_state_leaves_that_share_a_value_or_pass_through():
     chex.assert_trees_all_equal(state.inner_state, before)
 
 
-def test_optimized_step_copies_no_state_buffer():
-    """The skip costs no copy of the donated optimizer state (see guards.py)."""
+def where_per_leaf(inner):
+    """The naive skip: ``where(skip, old, new)`` on every inner-state leaf after the update."""
+
+    def update_fn(updates, state, params=None):
+        ok = all_finite(updates)
+        new_updates, new_state = inner.update(updates, state, params)
+        new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        return jax.tree.map(lambda u: jnp.where(ok, u, 0), new_updates), new_state
+
+    return optax.GradientTransformation(inner.init, update_fn)
+
+
+def state_copies(tx):
+    """The copies of param-sized buffers in the compiled, donated optimizer step of ``tx``."""
     params = {"w": jnp.ones((256, 256)), "v": jnp.ones((128, 64))}
-    tx = skip_anomalies(optax.adam(1e-3))
 
     def step(p, s, g):
         updates, s = tx.update(g, s, p)
         return optax.apply_updates(p, updates), s
 
     hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
-    big_copies = re.findall(r"f32\[(?:256,256|128,64)\]\{[^}]*\} copy\(", hlo.as_text())
+    return re.findall(r"f32\[(?:256,256|128,64)\]\{[^}]*\} copy\(", hlo.as_text())
+
+
+def test_optimized_step_copies_no_state_buffer():
+    """The skip costs no copy of the donated optimizer state (see guards.py)."""
+    assert state_copies(where_per_leaf(optax.adam(1e-3)))  # the check finds the naive skip's
+    big_copies = state_copies(skip_anomalies(optax.adam(1e-3)))
     assert not big_copies
 
 
@@ -314,6 +335,130 @@ def test_axis_name_under_shard_map():
         chex.assert_trees_all_close(got, want, rtol=1e-6)
         assert bool(s_state.skipped) == bool(state.skipped)
     assert int(s_state.skipped_total) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Any inner transformation (every optax optimizer and more: test_guards_catalogue.py)
+
+
+def test_nested_jit_returning_a_constant():
+    helper = jax.jit(lambda a: (a + 1, jnp.float32(0)))
+    inner = optax.GradientTransformation(
+        lambda p: (jnp.float32(5), jnp.float32(5)), lambda u, s, p=None: (u, helper(s[0]))
+    )
+    tx = skip_anomalies(inner, warmup_steps=1)
+    state, update = tx.init(PARAMS), jax.jit(tx.update)
+    _, state = update(grads_with_norm(jnp.nan), state)
+    assert bool(state.skipped) and tuple(map(float, state.inner_state)) == (5.0, 5.0)
+    _, state = update(grads_with_norm(1.0), state)
+    assert not bool(state.skipped) and tuple(map(float, state.inner_state)) == (6.0, 0.0)
+
+
+def test_nested_jit_returning_one_value_into_two_leaves():
+    helper = jax.jit(lambda c: (lambda n: (n, n))(c + 1))
+    inner = optax.GradientTransformation(
+        lambda p: (jnp.int32(0), jnp.int32(100)), lambda u, s, p=None: (u, helper(s[0]))
+    )
+    tx = skip_anomalies(inner, warmup_steps=1)
+    state, update = tx.init(PARAMS), jax.jit(tx.update)
+    _, state = update(grads_with_norm(jnp.nan), state)
+    assert bool(state.skipped) and tuple(map(int, state.inner_state)) == (0, 100)
+    _, state = update(grads_with_norm(1.0), state)
+    assert tuple(map(int, state.inner_state)) == (1, 1)
+
+
+def test_a_skipped_step_zeroes_every_update_leaf():
+    """Integer and bool update leaves too, each in its dtype; accepted steps pass them through."""
+
+    def update_fn(updates, state, params=None):
+        extra = {"steps": jnp.full(3, state + 1), "flag": jnp.ones(2, bool)}
+        return {**updates, **extra}, state + 1
+
+    inner = optax.GradientTransformation(lambda p: jnp.int32(0), update_fn)
+    tx = skip_anomalies(inner, warmup_steps=1)
+    state, update = tx.init(PARAMS), jax.jit(tx.update)
+    updates, state = update(grads_with_norm(1.0), state)
+    assert updates["steps"].tolist() == [1, 1, 1] and updates["flag"].all()
+    updates, state = update(grads_with_norm(jnp.inf), state)
+    dtypes = {"w": jnp.float32, "b": jnp.float32, "steps": jnp.int32, "flag": jnp.bool_}
+    assert {k: u.dtype for k, u in updates.items()} == dtypes
+    assert not any(np.asarray(u).any() for u in updates.values())
+    assert int(state.inner_state) == 1
+
+
+def test_an_error_of_the_inner_update_is_its_own():
+    def update_fn(updates, state, params=None):
+        raise ValueError("the inner update's own error")
+
+    tx = skip_anomalies(optax.GradientTransformation(lambda p: optax.EmptyState(), update_fn))
+    with pytest.raises(ValueError, match="the inner update's own error"):
+        tx.update(grads_with_norm(1.0), tx.init(PARAMS), PARAMS)
+
+
+def test_python_control_flow_on_values_works_outside_jit():
+    """An inner that reads a value as a Python number cannot be traced to a jaxpr: the guard runs
+    it as it is (the plain path)."""
+
+    def update_fn(updates, state, params=None):
+        lr = 0.1 if float(state) < 2 else 0.01
+        return jax.tree.map(lambda g: -lr * g, updates), state + 1
+
+    inner = optax.GradientTransformation(lambda p: jnp.float32(0), update_fn)
+    tx = skip_anomalies(inner, warmup_steps=1)
+    state = tx.init(PARAMS)
+    for g, lr, count in [(1.0, 0.1, 1), (jnp.nan, 0.0, 1), (1.0, 0.1, 2), (1.0, 0.01, 3)]:
+        updates, state = tx.update(grads_with_norm(g), state)
+        want = jax.tree.map(lambda x, lr=lr: -lr * x, grads_with_norm(1.0))  # 0 when skipped
+        chex.assert_trees_all_close(updates, want, rtol=1e-6)
+        assert float(state.inner_state) == count
+
+
+@pytest.mark.parametrize("failure", ["raises", "returns another type"])
+def test_the_plain_path_takes_over_when_the_re_evaluation_fails(failure, monkeypatch):
+    def failing(jaxpr, *args):
+        if failure == "raises":
+            raise RuntimeError("cannot re-evaluate")
+        return [x.astype(jnp.float16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+                for x in eval_selecting(jaxpr, *args)]  # fmt: skip
+
+    norms = [1.0, 1.2, np.nan, 0.9, 1e6, 1.1]
+    want = train(skip_anomalies(optax.adam(1e-2), warmup_steps=2, max_norm=1e5), norms)
+    eval_selecting = guards._eval_selecting
+    monkeypatch.setattr(guards, "_eval_selecting", failing)
+    got = train(skip_anomalies(optax.adam(1e-2), warmup_steps=2, max_norm=1e5), norms)
+    chex.assert_trees_all_close(got[:3], want[:3], rtol=1e-6)
+    assert got[2].tolist() == [False, False, True, False, True, False]
+
+
+@pytest.mark.multidevice
+def test_state_keeps_the_sharding_the_inner_gives_it():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if jax.device_count() < 2:
+        pytest.skip("needs several devices")
+    sharded = NamedSharding(Mesh(np.array(jax.devices()), ("d",)), PartitionSpec("d"))
+    helper = jax.jit(lambda m, g: 0.9 * m + g, out_shardings=sharded)
+
+    def update_fn(updates, state, params=None):
+        m = helper(state[0], updates["w"])
+        v = jax.lax.with_sharding_constraint(0.5 * state[1] + updates["w"], sharded)
+        return {"w": -0.1 * m}, (m, v)
+
+    n = 2 * jax.device_count()
+    inner = optax.GradientTransformation(lambda p: (jnp.zeros(n), jnp.zeros(n)), update_fn)
+    tx = skip_anomalies(inner, warmup_steps=1)
+    grads = {"w": jnp.arange(n, dtype=jnp.float32)}
+    want_updates, want_state = jax.jit(inner.update)(grads, inner.init(grads))
+    update = jax.jit(tx.update)
+    for variant in (update, tx.update):  # jit and no jit
+        updates, state = variant(grads, tx.init(grads))
+        chex.assert_trees_all_close((updates, state.inner_state), (want_updates, want_state))
+        skipped_updates, skipped = variant({"w": grads["w"] * jnp.nan}, state)
+        assert bool(skipped.skipped)
+        chex.assert_trees_all_equal(skipped.inner_state, state.inner_state)
+        for got, want in zip(state.inner_state + skipped.inner_state, want_state * 2, strict=True):
+            assert got.sharding.is_equivalent_to(want.sharding, got.ndim), got.sharding
+        assert not skipped_updates["w"].any()
 
 
 # --------------------------------------------------------------------------------------------
