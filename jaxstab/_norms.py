@@ -81,6 +81,24 @@ def sumsq(x: jax.Array, axis=None, keepdims: bool = False, scale=None, dtype=jnp
     return jnp.sum(x * x, axis=axis, keepdims=keepdims)
 
 
+def select(pred, on_true, on_false) -> jax.Array:
+    """``jnp.where(pred, on_true, on_false)`` as one ``lax.select`` (operands broadcast, cast to
+    ``on_false``'s dtype). ``jnp.where`` traces a nested ``jit`` at every call, which adds up to
+    seconds of compile time over hundreds of leaves; a scalar ``pred`` stays scalar, the form XLA
+    fuses best."""
+    on_false = jnp.asarray(on_false)
+    on_true = jnp.asarray(on_true, on_false.dtype)
+    pred = jnp.asarray(pred)
+    shape = jnp.broadcast_shapes(pred.shape, on_true.shape, on_false.shape)
+
+    def full(v):
+        if v.shape == shape:
+            return v
+        return jax.lax.broadcast_in_dim(v, shape, tuple(range(len(shape) - v.ndim, len(shape))))
+
+    return jax.lax.select(pred if pred.ndim == 0 else full(pred), full(on_true), full(on_false))
+
+
 def _trusted(ssq: jax.Array) -> jax.Array:
     r = _RANGES[ssq.dtype]
     return (ssq >= r.low) & (ssq <= r.high)
@@ -89,7 +107,7 @@ def _trusted(ssq: jax.Array) -> jax.Array:
 def _rescue_scale(ssq: jax.Array) -> jax.Array:
     """The power of two that brings the squares behind an untrusted ``ssq`` into range."""
     r = _RANGES[ssq.dtype]
-    return jnp.where(ssq > r.high, r.down, r.up).astype(ssq.dtype)
+    return select(ssq > r.high, r.down, jnp.full(ssq.shape, r.up, ssq.dtype))
 
 
 def _psum(x, axis_name):
@@ -198,7 +216,7 @@ def unit_norms(
         for x, a, s in zip(leaves, axes, ssq, strict=True):
             scale = _rescue_scale(s)
             exact = _psum(sumsq(x, axis=a, keepdims=True, scale=scale, dtype=dtype), axis_name)
-            out.append(jnp.where(_trusted(s) | (s == 0), jnp.sqrt(s), jnp.sqrt(exact) / scale))
+            out.append(select(_trusted(s) | (s == 0), jnp.sqrt(s), jnp.sqrt(exact) / scale))
         return out
 
     return jax.lax.cond(any_bad, rescue, lambda ssq: [jnp.sqrt(s) for s in ssq], ssq)
@@ -213,8 +231,9 @@ def clip_factor(norm: jax.Array, max_norm) -> jax.Array:
     """
     max_norm = jnp.asarray(max_norm, norm.dtype)
     over = norm > max_norm
-    factor = jnp.where(over, max_norm / jnp.where(over, norm, 1.0), 1.0)
-    return jnp.where(jnp.isfinite(norm), factor, 0.0)
+    one = jnp.ones_like(norm)
+    factor = select(over, max_norm / select(over, norm, one), one)
+    return select(jnp.isfinite(norm), factor, jnp.zeros_like(norm))
 
 
 def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
@@ -226,7 +245,7 @@ def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
     """
     wide = jnp.promote_types(x.dtype, jnp.float32)
     scaled = (x.astype(wide) * factor).astype(x.dtype)
-    return jnp.where(factor == 0, jnp.zeros((), x.dtype), scaled)
+    return select(factor == 0, jnp.zeros((), x.dtype), scaled)
 
 
 def scale_tree(tree, factor: jax.Array):

@@ -331,7 +331,7 @@ def skip_anomalies(
             stats,
             skip,
             state.skipped_total + skip.astype(jnp.int32),
-            norm,
+            _stats.as_f32(norm),  # float64 for float64 trees: the state keeps init's dtype
             threshold,
         )
         return _zero_if(skip, inner_updates), new_state
