@@ -69,3 +69,6 @@ def test_float64_gradients_beyond_float32_are_not_skipped_under_x64(enable_x64):
         updates, state = jax.jit(tx.update)({"w": jnp.array([1e39, 0.0])}, tx.init(params), params)
         assert not bool(state.skipped)
         np.testing.assert_array_equal(updates["w"], [-1e39, 0.0])
+        # the state keeps init's dtypes, so it can be a lax.scan carry
+        init = tx.init(params)
+        assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype, init)
