@@ -210,6 +210,7 @@ class SkipAnomaliesState(NamedTuple):
     skipped_total: jax.Array  # int32, steps skipped so far
     grad_norm: jax.Array  # float32 global norm of this step's gradients
     threshold: jax.Array  # float32 largest norm accepted this step (+inf in warm-up)
+    skip_run: jax.Array  # int32, z-score skips in a row up to this step
 
 
 def skip_anomalies(
@@ -220,6 +221,7 @@ def skip_anomalies(
     warmup_steps: int | jax.Array = 25,
     max_norm: float | jax.Array | None = None,
     eps: float | jax.Array = 1e-6,
+    max_skip_run: int | None = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that anomalous steps are skipped: zero update, inner state unchanged.
@@ -244,6 +246,15 @@ def skip_anomalies(
     data mix, unfrozen layers) is learned instead of skipping every later step -- with the
     defaults, after a warm-up of equal norms, a jump by 2x within 25 steps and by 1000x within 70.
 
+    The same learning lets a *sustained burst* of anomalous steps talk the guard into accepting
+    it: each skipped norm widens the band, and a burst of corrupted batches with norms 10x the
+    usual is skipped for only about its first dozen steps. ``max_skip_run=R`` holds the band
+    still through runs of up to ``R`` consecutive z-score skips (their norms do not feed the
+    statistics), so a burst of up to ``R`` steps is skipped whole; a longer run is taken for a
+    lasting change of level and learned as above, ``R`` steps later. Choose ``R`` as the longest
+    burst to wait out (e.g. 64); a genuine change of level then costs ``R`` more skipped steps.
+    For bursts that get through anyway, :func:`jaxstab.spike_recovery` rolls back.
+
     Cost: one global norm, and one select per inner-state leaf with a scalar predicate. On the
     fast path, which every optimizer of optax takes, each select sits where the inner update
     computes the new value, so XLA fuses it into the inner optimizer's own elementwise update and
@@ -265,6 +276,8 @@ def skip_anomalies(
         ``>= 0`` (0 acts as 1; ``float("inf")``: never, only non-finite and ``max_norm`` skips).
       max_norm: optional fixed bound: steps with a larger global norm are skipped; ``>= 0``.
       eps: added to the standard deviation in the z-score; ``>= 0``.
+      max_skip_run: optional longest run of z-score skips that leaves the statistics alone;
+        ``>= 0`` (``None``: every skipped norm feeds them, clipped to the threshold).
       axis_name: inside ``shard_map``/``pmap`` with the tree sharded across devices, the mapped
         axis name(s): the norm becomes global with one ``psum``.
 
@@ -294,6 +307,8 @@ def skip_anomalies(
     _checks.check_range("eps", eps, low=0)
     if max_norm is not None:
         _checks.check_range("max_norm", max_norm, low=0)
+    if max_skip_run is not None:
+        _checks.check_range("max_skip_run", max_skip_run, low=0)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -305,6 +320,7 @@ def skip_anomalies(
             jnp.zeros((), jnp.int32),
             zero(),
             zero(),
+            jnp.zeros((), jnp.int32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -323,6 +339,10 @@ def skip_anomalies(
         inner_updates, inner_state = _update_or_keep(
             inner, skip, _zero_if(skip, updates), state.inner_state, params, extra_args
         )
+        z_skip = skip & learn  # finite and under max_norm: skipped for its z-score
+        run = jnp.where(z_skip, state.skip_run + 1, 0)
+        if max_skip_run is not None:
+            learn &= ~z_skip | (run > _stats.step_count(max_skip_run))
         stats = _stats.mean_var_update(
             stats, jnp.minimum(norm, z_limit), decay=decay, warmup_steps=warmup_steps, accept=learn
         )
@@ -333,6 +353,7 @@ def skip_anomalies(
             state.skipped_total + skip.astype(jnp.int32),
             _stats.as_f32(norm),  # float64 for float64 trees: the state keeps init's dtype
             threshold,
+            run,
         )
         return _zero_if(skip, inner_updates), new_state
 

@@ -72,3 +72,33 @@ def test_float64_gradients_beyond_float32_are_not_skipped_under_x64(enable_x64):
         # the state keeps init's dtypes, so it can be a lax.scan carry
         init = tx.init(params)
         assert jax.tree.map(lambda x: x.dtype, state) == jax.tree.map(lambda x: x.dtype, init)
+
+
+def burst_history(length: int, seed: int = 0):
+    """100 healthy norms, a burst of ``length`` norms 10x as large, then 100 healthy ones."""
+    healthy = np.random.default_rng(seed).lognormal(0.0, 0.1, 200)
+    return np.r_[healthy[:100], 10.0 * healthy[100 : 100 + length], healthy[100:]]
+
+
+def test_a_sustained_burst_talks_the_default_guard_into_accepting_it():
+    """The documented limit: each skipped norm widens the band, so most of a long burst gets
+    through."""
+    skipped = np.asarray(skipped_steps(skip_anomalies(optax.sgd(0.1)), burst_history(50)))
+    assert skipped[100] and skipped[100:150].sum() < 25
+    assert not skipped[150:].any()
+
+
+def test_max_skip_run_holds_the_band_through_a_50_step_burst():
+    tx = skip_anomalies(optax.sgd(0.1), max_skip_run=64)
+    skipped = np.asarray(skipped_steps(tx, burst_history(50)))
+    assert skipped[100:150].all() and not skipped[:100].any() and not skipped[150:].any()
+
+
+def test_max_skip_run_still_learns_a_lasting_change_of_level():
+    """A run of skips longer than ``max_skip_run`` is a new level: learned, ``R`` steps later."""
+    norms = np.r_[np.random.default_rng(1).lognormal(0.0, 0.1, 100), np.full(300, 3.0)]
+    skipped = np.asarray(skipped_steps(skip_anomalies(optax.sgd(0.1), max_skip_run=64), norms))
+    assert skipped[100:165].all()  # held through the run...
+    assert not skipped[165 + 40 :].any()  # ...then learned within about 40 steps
+    state_run = skip_anomalies(optax.sgd(0.1), max_skip_run=0)
+    assert not np.asarray(skipped_steps(state_run, norms))[140:].any()  # 0: learn at once
