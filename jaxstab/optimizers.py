@@ -17,6 +17,7 @@ count as they were. With their stabilizer switched off both equal ``optax.adamw`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,6 +32,8 @@ from jaxstab.telemetry import telemetry_state
 _F32 = jnp.float32
 # Floor of the RMS denominator when eps = 0: a zero gradient with a zero moment gives 0, not NaN.
 _TINY = float(jnp.finfo(jnp.float32).tiny)
+# Magnitudes from here on have squares that overflow float32.
+_SQRT_MAX = float(jnp.sqrt(jnp.finfo(jnp.float32).max))
 # SPAM's warm-up starts at 1 - _WARMUP_DROP of the update (the reference code's cosine schedule).
 _WARMUP_DROP = 0.99
 
@@ -84,14 +87,10 @@ def _decayed_leaves(params, treedef, weight_decay, mask, count) -> list:
     return [(rate, p) if on else None for on, p in zip(flags, leaves, strict=True)]
 
 
-def _squares_finite(leaves, axis_name: AxisName) -> jax.Array:
-    """Whether every value of every leaf has a finite float32 square (all devices agreeing)."""
-    if not leaves:
-        return jnp.asarray(True)
-    ok = jnp.stack([jnp.all(jnp.isfinite(jnp.square(x.astype(_F32)))) for x in leaves]).all()
-    if axis_name is not None:
-        ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
-    return ok
+@functools.partial(jax.jit, inline=True)
+def _bias_correction(decay, count):
+    """``1 - decay**count`` in float32, computed as optax does (eager ``**`` rounds otherwise)."""
+    return 1 - decay**count
 
 
 def _adam_direction(mu, nu, bc1, bc2, eps, eps_root):
@@ -107,9 +106,14 @@ def _finish(direction, decay, factor, dtype):
     return _norms.scale_leaf(direction, factor).astype(dtype)
 
 
-def _where(ok, new, old):
-    """The new statistic where the step is accepted, else the old one, in the old one's dtype."""
-    return jnp.where(ok, new, old.astype(new.dtype)).astype(old.dtype)
+def _accept(ok, new_m, m, new_v, v):
+    """The new moments if the step is accepted, else the old ones (float32).
+
+    The update is then computed from these, not from the new moments: on a rejected step it is
+    zeroed anyway, and this way each moment's buffer is read once and rewritten in place (reading
+    the old moments for the update as well would make XLA copy them first).
+    """
+    return jnp.where(ok, new_m, m.astype(new_m.dtype)), jnp.where(ok, new_v, v)
 
 
 def _flatten(updates, mu):
@@ -229,13 +233,21 @@ def scale_by_stable_adam(
         decays = _decayed_leaves(params, treedef, weight_decay, mask, state.count)
         b1_, b2_, eps_, eps_root_ = map(_hyper, (b1, b2, eps, eps_root))
         step = optax.safe_increment(state.count)
-        bc1, bc2 = 1 - b1_**step, 1 - b2_**step
+        bc1, bc2 = _bias_correction(b1_, step), _bias_correction(b2_, step)
         gs = [g.astype(_stat_dtype(g.dtype)) for g in grads]
-        new_nus = [(1 - b2_) * g * g + b2_ * v for g, v in zip(gs, nus, strict=True)]
-        floor = jnp.maximum(jnp.square(jnp.asarray(eps_, _F32)), _TINY)
+        new_nu = lambda g, v: (1 - b2_) * (g * g) + b2_ * v
+        # g^2 / max(nu_hat, eps^2) written as g^2 bc2 / max(nu, eps^2 bc2): a floor that is not
+        # a compile-time constant keeps XLA:CPU from writing out a full array of it every step.
+        floor = jnp.maximum(jnp.square(jnp.asarray(eps_, _F32)) * bc2, _TINY)
         if gs:
-            ratios = [g * g / jnp.maximum(v / bc2, floor) for g, v in zip(gs, new_nus, strict=True)]
-            ratio_sums = jnp.stack([jnp.sum(r) for r in ratios]).astype(_F32)
+            # The barrier keeps XLA from sharing g*g and the new moment between this reduction
+            # and the update (it would write both out as full arrays): each pass recomputes them.
+            ratio_sums = bc2 * jnp.stack(
+                [
+                    jnp.sum(g * g / jnp.maximum(new_nu(g, v), floor))
+                    for g, v in zip(*jax.lax.optimization_barrier((gs, nus)), strict=True)
+                ]
+            ).astype(_F32)
             sizes = jnp.asarray([g.size for g in gs], _F32)
             if axis_name is not None:
                 ratio_sums, sizes = jax.lax.psum((ratio_sums, sizes), axis_name)
@@ -249,14 +261,12 @@ def scale_by_stable_adam(
             clip_fraction = max_rms = jnp.zeros((), _F32)
 
         out, out_mu, out_nu = [], [], []
-        for i, (g, raw, m, v, new_v, decay) in enumerate(
-            zip(gs, grads, mus, nus, new_nus, decays, strict=True)
-        ):
-            new_m = (1 - b1_) * g + b1_ * m.astype(g.dtype)
-            direction = _adam_direction(new_m, new_v, bc1, bc2, eps_, eps_root_)
+        for i, (g, raw, m, v, decay) in enumerate(zip(gs, grads, mus, nus, decays, strict=True)):
+            m, v = _accept(finite, (1 - b1_) * g + b1_ * m.astype(g.dtype), m, new_nu(g, v), v)
+            direction = _adam_direction(m, v, bc1, bc2, eps_, eps_root_)
             out.append(_finish(direction, decay, factors[i], raw.dtype))
-            out_mu.append(_where(finite, new_m, m))
-            out_nu.append(_where(finite, new_v, v))
+            out_mu.append(m.astype(mus[i].dtype))
+            out_nu.append(v)
         new_state = ScaleByStableAdamState(
             jnp.where(finite, step, state.count),
             treedef.unflatten(out_mu),
@@ -353,7 +363,7 @@ class ScaleBySpamState(NamedTuple):
     count: jax.Array  # int32, accepted (finite) steps so far; drives resets and bias correction
     mu: optax.Updates  # first moment, float32 (or mu_dtype)
     nu: optax.Updates  # second moment, float32
-    spike_fraction: jax.Array  # float32 share of gradient entries clipped as spikes
+    spike_fraction: jax.Array  # float32 share of entries clipped as spikes (NaN: not counted)
     scale: jax.Array  # float32 warm-up factor of Adam's direction (0: step skipped)
     skipped: jax.Array  # bool, whether this step was non-finite (zero update, state unchanged)
 
@@ -382,6 +392,7 @@ def scale_by_spam(
     spike_delay: int | jax.Array = 20,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask = None,
+    count_spikes: bool = False,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam's scaling with SPAM's spike-aware clipping and momentum reset (no learning rate).
@@ -411,7 +422,8 @@ def scale_by_spam(
     ``spike_threshold=None`` and ``reset_interval=None`` this equals ``optax.scale_by_adam``
     followed by ``optax.add_decayed_weights``. A step whose gradients are not finite (or whose
     squares overflow float32) gives zeros and leaves the moments and ``count`` unchanged. Cost:
-    one fused elementwise pass, as Adam's, and one finiteness check of the gradients.
+    Adam's passes plus one reduction over the gradients (their largest magnitude, the finiteness
+    check); ``count_spikes=True`` adds one over the gradients and the second moment.
 
     Args:
       b1: decay of the first moment, in ``[0, 1)``.
@@ -429,6 +441,8 @@ def scale_by_spam(
       weight_decay: decoupled weight decay (a number or a schedule of the step), not warmed up;
         ``>= 0``. Needs ``params`` in ``update``.
       mask: which parameters decay, as in ``optax.add_decayed_weights``.
+      count_spikes: whether to count the clipped entries for ``spike_fraction`` (NaN if not):
+        one more pass over the gradients and the second moment.
       axis_name: inside ``shard_map``/``pmap`` with tensors sharded across devices, the mapped
         axis name(s): the finiteness check and ``spike_fraction`` become global.
 
@@ -441,7 +455,7 @@ def scale_by_spam(
       >>> import jax.numpy as jnp
       >>> from jaxstab.optimizers import scale_by_spam
       >>> tx = scale_by_spam(b2=0.9, spike_threshold=50.0, reset_interval=4, warmup_steps=2,
-      ...                    spike_delay=1)
+      ...                    spike_delay=1, count_spikes=True)
       >>> state = tx.init({"w": jnp.zeros(2)})
       >>> for g in [1.0, 1.0, 1000.0, 1.0, 1.0]:  # a spike at step 3, a reset at step 4
       ...     updates, state = tx.update({"w": jnp.array([g, 1.0])}, state)
@@ -478,34 +492,56 @@ def scale_by_spam(
         decays = _decayed_leaves(params, treedef, weight_decay, mask, state.count)
         b1_, b2_, eps_, eps_root_ = map(_hyper, (b1, b2, eps, eps_root))
         step = optax.safe_increment(state.count)
-        bc1, bc2 = 1 - b1_**step, 1 - b2_**step
+        bc1, bc2 = _bias_correction(b1_, step), _bias_correction(b2_, step)
         reset, warm, clip_on = _spam_schedule(step, reset_interval, warmup_steps, spike_delay)
-        finite = _squares_finite(grads, axis_name)
-        factor = finite.astype(_F32)
 
-        out, out_mu, out_nu, spikes = [], [], [], []
-        for raw, m, v, decay in zip(grads, mus, nus, decays, strict=True):
+        def start(raw, m, v):
+            """The gradient in float32, the moments it starts from and its spike mask."""
             g = raw.astype(_stat_dtype(raw.dtype))
             m0, v0 = m.astype(g.dtype), v
             if reset_interval is not None:
                 m0, v0 = jnp.where(reset, 0, m0), jnp.where(reset, 0, v0)
-            if spike_threshold is not None:
-                limit = _hyper(spike_threshold) * v0
-                spike = clip_on & (v0 > 0) & (g * g > limit)
-                g = jnp.where(spike, jnp.sign(g) * jnp.sqrt(limit), g)
-                spikes.append(jnp.sum(spike, dtype=_F32))
-            new_m = (1 - b1_) * g + b1_ * m0
-            new_v = (1 - b2_) * g * g + b2_ * v0
-            direction = warm * _adam_direction(new_m, new_v, bc1, bc2, eps_, eps_root_)
-            out.append(_finish(direction, decay, factor, raw.dtype))
-            out_mu.append(_where(finite, new_m, m))
-            out_nu.append(_where(finite, new_v, v))
-        spike_fraction = jnp.zeros((), _F32)
-        if spikes:
-            counts = jnp.stack([sum(spikes), jnp.asarray(sum(g.size for g in grads), _F32)])
+            limit = _hyper(0.0 if spike_threshold is None else spike_threshold) * v0
+            spike = clip_on & (v0 > 0) & (g * g > limit) if spike_threshold is not None else None
+            return g, m0, v0, limit, spike
+
+        # Before the update, one reduction per tensor: the largest magnitude (not finite, or
+        # with a square that overflows: the step is skipped) and, if clipping, the spike count.
+        peaks = jnp.stack([jnp.max(jnp.abs(x)).astype(_F32) for x in grads] or [jnp.zeros(())])
+        if axis_name is not None:
+            peaks = jax.lax.pmax(peaks, axis_name)
+        finite = jnp.all(peaks < _SQRT_MAX)
+        factor = finite.astype(_F32)
+        spike_fraction = jnp.full((), 0.0 if count_spikes else jnp.nan, _F32)
+        if spike_threshold is not None and grads and count_spikes:
+            counts = jnp.stack(
+                [
+                    jnp.sum(start(*leaves)[4], dtype=_F32)
+                    for leaves in zip(grads, mus, nus, strict=True)
+                ]
+            )
+            sizes = jnp.asarray([g.size for g in grads], _F32)
             if axis_name is not None:
-                counts = jax.lax.psum(counts, axis_name)
-            spike_fraction = counts[0] / jnp.maximum(counts[1], 1)
+                counts, sizes = jax.lax.psum((counts, sizes), axis_name)
+            spike_fraction = jnp.where(
+                finite, jnp.sum(counts) / jnp.maximum(jnp.sum(sizes), 1), 0.0
+            )
+
+        out, out_mu, out_nu = [], [], []
+        for raw, m, v, decay in zip(grads, mus, nus, decays, strict=True):
+            g, m0, v0, limit, spike = start(raw, m, v)
+            g2 = g * g
+            if spike is not None:  # sign(g) sqrt(limit) for a spike; its square written as limit
+                g, g2 = (
+                    jnp.where(spike, jnp.sign(g) * jnp.sqrt(limit), g),
+                    jnp.where(spike, limit, g2),
+                )
+            new_m, new_v = (1 - b1_) * g + b1_ * m0, (1 - b2_) * g2 + b2_ * v0
+            sel_m, sel_v = _accept(finite, new_m, m, new_v, v)
+            direction = warm * _adam_direction(sel_m, sel_v, bc1, bc2, eps_, eps_root_)
+            out.append(_finish(direction, decay, factor, raw.dtype))
+            out_mu.append(sel_m.astype(m.dtype))
+            out_nu.append(sel_v)
         new_state = ScaleBySpamState(
             jnp.where(finite, step, state.count),
             treedef.unflatten(out_mu),
@@ -533,6 +569,7 @@ def spam(
     reset_interval: int | jax.Array | None = 500,
     warmup_steps: int | jax.Array = 150,
     spike_delay: int | jax.Array = 20,
+    count_spikes: bool = False,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SPAM: Spike-Aware Adam with Momentum Reset (Huang et al. 2025), AdamW's signature.
@@ -551,6 +588,7 @@ def spam(
       reset_interval: steps between moment resets (500 in the paper); None switches them off.
       warmup_steps: cosine warm-up steps after each reset (150 in the paper).
       spike_delay: steps after the start and each reset before clipping starts (20).
+      count_spikes: whether to count clipped entries for the telemetry (one more pass).
       axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s).
 
     Returns:
@@ -586,6 +624,7 @@ def spam(
             spike_delay=spike_delay,
             weight_decay=weight_decay,
             mask=mask,
+            count_spikes=count_spikes,
             axis_name=axis_name,
         ),
         optax.scale_by_learning_rate(learning_rate),
