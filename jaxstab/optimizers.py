@@ -155,8 +155,8 @@ def scale_by_stable_adam(
 
     Adam's moments (as ``optax.scale_by_adam``) give each tensor the direction
     :math:`d = \hat m_t / (\sqrt{\hat v_t + \bar\epsilon} + \epsilon)` and, with ``weight_decay``
-    :math:`\lambda`, :math:`d + \lambda \theta`. For each tensor StableAdamW (Algorithm 2 of the
-    paper) measures how far this step's gradient outruns the second moment,
+    :math:`\lambda`, :math:`d + \lambda \theta`. For each tensor StableAdamW measures how far
+    this step's gradient outruns the second moment,
 
     .. math::
 
@@ -397,11 +397,11 @@ def scale_by_spam(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam's scaling with SPAM's spike-aware clipping and momentum reset (no learning rate).
 
-    Algorithm 1 of the paper, at the :math:`t`-th accepted step (1-based):
+    The paper's algorithm as its reference code runs it, at the :math:`t`-th accepted step:
 
-    1. **Momentum reset** (Section 4): when :math:`t \bmod \Delta T = 0` both moments are set
+    1. **Momentum reset**: when :math:`t \bmod \Delta T = 0` both moments are set
        to zero before the step, so a spike absorbed into them is forgotten.
-    2. **Spike-aware clipping** (Section 4): an entry with :math:`g_i^2 > \theta\, v_{t-1,i}`
+    2. **Spike-aware clipping**: an entry with :math:`g_i^2 > \theta\, v_{t-1,i}`
        (against the *previous*, uncorrected second moment) is replaced by
        :math:`\operatorname{sign}(g_i)\sqrt{\theta\, v_{t-1,i}}`: its sign kept, its magnitude
        capped. As in the reference code, clipping waits ``spike_delay`` steps after the start and
