@@ -368,6 +368,23 @@ class ScaleBySpamState(NamedTuple):
     skipped: jax.Array  # bool, whether this step was non-finite (zero update, state unchanged)
 
 
+def _clipped_from_new_moment(g, new_v, clip_on, b2, theta):
+    """SPAM's clipped gradient recovered from ``g`` and the *new* second moment alone.
+
+    A spike (``v > 0`` and ``g**2 > theta * v``, with ``v`` the previous moment) is replaced by
+    ``sign(g) sqrt(theta v)``, so the new moment is ``c v`` with ``c = b2 + (1 - b2) theta``;
+    an entry that is not a spike gives a new moment ``>= c g**2 / theta``. So ``g`` is a spike iff
+    ``g**2 > theta new_v / c``, and then its clipped value is ``sign(g) sqrt(theta new_v / c)``;
+    an entry whose previous moment was 0 (never clipped) is the one whose new moment is exactly
+    ``(1 - b2) g**2``. The first moment is thus computed after the second, from its output: if
+    it read the previous second moment while that is rewritten in place, XLA would copy every
+    second moment first.
+    """
+    cap2 = theta * new_v / (b2 + (1 - b2) * theta)
+    spike = clip_on & (g * g > cap2) & (new_v != (1 - b2) * (g * g))
+    return jnp.where(spike, jnp.sign(g) * jnp.sqrt(cap2), g)
+
+
 def _spam_schedule(step, reset_interval, warmup_steps, spike_delay):
     """For the 1-based accepted ``step``: (reset the moments?, warm-up factor, clipping on?)."""
     if reset_interval is None:
@@ -530,14 +547,12 @@ def scale_by_spam(
         out, out_mu, out_nu = [], [], []
         for raw, m, v, decay in zip(grads, mus, nus, decays, strict=True):
             g, m0, v0, limit, spike = start(raw, m, v)
-            g2 = g * g
-            if spike is not None:  # sign(g) sqrt(limit) for a spike; its square written as limit
-                g, g2 = (
-                    jnp.where(spike, jnp.sign(g) * jnp.sqrt(limit), g),
-                    jnp.where(spike, limit, g2),
-                )
-            new_m, new_v = (1 - b1_) * g + b1_ * m0, (1 - b2_) * g2 + b2_ * v0
-            sel_m, sel_v = _accept(finite, new_m, m, new_v, v)
+            g2 = g * g if spike is None else jnp.where(spike, limit, g * g)  # clipped g, squared
+            new_v = (1 - b2_) * g2 + b2_ * v0
+            sel_v = jnp.where(finite, new_v, v)
+            if spike is not None:
+                g = _clipped_from_new_moment(g, sel_v, clip_on, b2_, _hyper(spike_threshold))
+            sel_m = jnp.where(finite, (1 - b1_) * g + b1_ * m0, m.astype(g.dtype))
             direction = warm * _adam_direction(sel_m, sel_v, bc1, bc2, eps_, eps_root_)
             out.append(_finish(direction, decay, factor, raw.dtype))
             out_mu.append(sel_m.astype(m.dtype))

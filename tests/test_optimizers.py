@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 
 import jaxstab
 from jaxstab.adaptive import zscore_clip
-from jaxstab.optimizers import scale_by_spam, scale_by_stable_adam, spam, stable_adamw
+from jaxstab.optimizers import (
+    _clipped_from_new_moment,
+    scale_by_spam,
+    scale_by_stable_adam,
+    spam,
+    stable_adamw,
+)
 
 SHAPES = {"kernel": (6, 4), "bias": (4,), "scale": ()}
 
@@ -345,6 +351,24 @@ def test_spam_reset_zeroes_moments_and_restarts_warmup():
     ramp = [1 - 0.99 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(3)]
     np.testing.assert_allclose(scales, [1, 1, 1, 1, *ramp, 1, 1, ramp[0]], rtol=1e-6)
     assert int(state.count) == 10  # the step count (bias correction) is never reset
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    hnp.arrays(np.float32, (64,), elements=st.floats(-1e6, 1e6, width=32)),
+    hnp.arrays(np.float32, (64,), elements=st.floats(0.0, 1e9, width=32)),
+    st.floats(1.5, 1e4),
+    st.sampled_from([0.5, 0.9, 0.999]),
+)
+def test_spam_clipped_gradient_is_recovered_from_the_new_moment(g, v, theta, b2):
+    """Property: the first moment's clipped gradient, rebuilt from g and the new second moment
+    (so the old one need not be read), equals the direct clip against the old moment."""
+    g, v = jnp.asarray(g), jnp.asarray(v)
+    spike = (v > 0) & (g * g > theta * v)
+    direct = jnp.where(spike, jnp.sign(g) * jnp.sqrt(theta * v), g)
+    new_v = (1 - b2) * jnp.where(spike, theta * v, g * g) + b2 * v
+    rebuilt = _clipped_from_new_moment(g, new_v, jnp.asarray(True), b2, theta)
+    np.testing.assert_allclose(rebuilt, direct, rtol=2e-6, atol=1e-30)
 
 
 @settings(deadline=None, max_examples=25)
