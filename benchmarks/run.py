@@ -16,6 +16,7 @@ BENCHMARKS = [
     "bench_adaptive.py",
     "bench_batchnorm.py",
     "bench_recovery.py",
+    "bench_optimizers.py",
     "bench_compile.py",
 ]
 

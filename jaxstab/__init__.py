@@ -36,6 +36,14 @@ from jaxstab.guards import (
     dynamic_loss_scale,
     skip_anomalies,
 )
+from jaxstab.optimizers import (
+    ScaleBySpamState,
+    ScaleByStableAdamState,
+    scale_by_spam,
+    scale_by_stable_adam,
+    spam,
+    stable_adamw,
+)
 from jaxstab.recovery import (
     SpikeRecovery,
     SpikeRecoveryError,
@@ -57,6 +65,8 @@ __all__ = [
     "DynamicLossScale",
     "NormalizeByGlobalNormState",
     "QuantileClipState",
+    "ScaleBySpamState",
+    "ScaleByStableAdamState",
     "SkipAnomaliesState",
     "SpikeRecovery",
     "SpikeRecoveryError",
@@ -78,8 +88,12 @@ __all__ = [
     "normalize_by_global_norm",
     "quantile_clip",
     "renorm_schedules",
+    "scale_by_spam",
+    "scale_by_stable_adam",
     "skip_anomalies",
+    "spam",
     "spike_recovery",
+    "stable_adamw",
     "telemetry",
     "zscore_clip",
 ]
