@@ -356,7 +356,11 @@ def test_spam_reset_zeroes_moments_and_restarts_warmup():
 @settings(deadline=None, max_examples=50)
 @given(
     hnp.arrays(np.float32, (64,), elements=st.floats(-1e6, 1e6, width=32)),
-    hnp.arrays(np.float32, (64,), elements=st.floats(0.0, 1e9, width=32)),
+    # second moments of 0 or normal floats: in float32's subnormal range (v < 1.2e-38, gradients
+    # under 1e-19, far below Adam's eps) the rebuilt value loses precision, as documented
+    hnp.arrays(
+        np.float32, (64,), elements=st.one_of(st.just(0.0), st.floats(2.0**-100, 1e9, width=32))
+    ),
     st.floats(1.5, 1e4),
     st.sampled_from([0.5, 0.9, 0.999]),
 )
