@@ -2,15 +2,18 @@
 against flax's own attention (linen and nnx); the gathered logits feeding qk_clip end to end."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxstab
 from jaxstab.attention import QKClipState, gather_max_logits, qk_clip
+from jaxstab.attention_flax import COLLECTION, MaxLogits, dot_product_attention, max_logits
 
 F, D = 6, 3  # features, head_dim
 
@@ -218,3 +221,123 @@ def test_gather_max_logits():
     sown = {"Block_0": {"attn": {"max_logits": 1.0}, "mlp": {}}, "x": 3, "Block_1": {"attn": {}}}
     assert gather_max_logits(sown) == {"Block_0": {"attn": jnp.asarray(1.0)}}
     assert gather_max_logits({}) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Recording attention_fn
+
+
+def masked_max_logits(query, key, mask):
+    """NumPy: per query head, max over batch/q/k of q . k / sqrt(d) where the mask allows."""
+    q, k = np.asarray(query, np.float64), np.asarray(key, np.float64)
+    k = np.repeat(k, q.shape[-2] // k.shape[-2], axis=-2)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(np.broadcast_to(mask, logits.shape), logits, -np.inf)
+    return logits.max(axis=(0, 2, 3))
+
+
+def padding_and_causal_mask(batch, length):
+    lengths = np.arange(length - batch + 1, length + 1)  # each row has some padding
+    valid = np.arange(length)[None, :] < lengths[:, None]
+    return nn.combine_masks(nn.make_attention_mask(valid, valid), nn.make_causal_mask(valid))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_linen_matches_flax_and_records_masked_max(dtype):
+    x = jax.random.normal(jax.random.key(1), (3, 7, 16))
+    mask = padding_and_causal_mask(3, 7)
+    ref = nn.MultiHeadDotProductAttention(4, dtype=dtype)
+    ours = nn.MultiHeadDotProductAttention(4, dtype=dtype, attention_fn=dot_product_attention)
+    variables = ref.init(jax.random.key(0), x)
+
+    def loss(params, layer, **kw):
+        y = layer.apply({"params": params}, x, mask=mask, mutable=[COLLECTION], **kw)[0]
+        return jnp.sum(y.astype(jnp.float32) ** 2), y
+
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(variables["params"], ref)
+    (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(
+        variables["params"], ours, sow_weights=True
+    )
+    np.testing.assert_array_equal(got, want)  # the same ops in the same order
+    chex.assert_trees_all_close(g_got, g_want, rtol=1e-6)
+    _, recorded = ours.apply(variables, x, mask=mask, sow_weights=True, mutable=[COLLECTION])
+    p = variables["params"]
+    q = nn.DenseGeneral((4, 4), dtype=dtype).apply({"params": p["query"]}, x)
+    k = nn.DenseGeneral((4, 4), dtype=dtype).apply({"params": p["key"]}, x)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(
+        max_logits(recorded), masked_max_logits(q, k, mask), rtol=tol, atol=tol
+    )
+    # Without sow_weights nothing is recorded and the output is unchanged.
+    y, none = ours.apply(variables, x, mask=mask, mutable=[COLLECTION])
+    np.testing.assert_array_equal(y, want)
+    assert COLLECTION not in none
+
+
+def test_nnx_gqa_causal_matches_flax_and_records():
+    x = jax.random.normal(jax.random.key(1), (2, 6, 16))
+    make = lambda **kw: nnx.MultiHeadAttention(
+        4, 16, num_kv_heads=2, decode=False, rngs=nnx.Rngs(0), **kw
+    )
+    ref, ours = make(), make(attention_fn=dot_product_attention)
+    forward = nnx.capture(lambda m, x: m(x, sow_weights=True, is_causal=True), MaxLogits)
+    got, state = forward(ours, x)
+    np.testing.assert_array_equal(got, ref(x, is_causal=True))
+    q, k = ours.query(x), ours.key(x)
+    causal = np.tril(np.ones((6, 6), bool))
+    np.testing.assert_allclose(
+        gather_max_logits(nnx.to_pure_dict(state)), masked_max_logits(q, k, causal), rtol=1e-5
+    )
+
+
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+        attn = nn.MultiHeadDotProductAttention(2, attention_fn=dot_product_attention, name="attn")
+        return x + attn(x, mask=mask, sow_weights=True), None
+
+
+class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(
+            ScanBlock, variable_axes={"params": 0, COLLECTION: 0},
+            split_rngs={"params": True}, length=3,
+        )  # fmt: skip
+        return scan(name="layers")(x, None)[0]
+
+
+def test_scan_stacked_logits_feed_qk_clip():
+    """nn.scan gives (layers, heads) logits; after qk_clip every head's max logit is <= tau."""
+    x = 3 * jax.random.normal(jax.random.key(1), (2, 5, 8))
+    model = Stack()
+    params = model.init(jax.random.key(0), x)["params"]
+    params = jax.tree.map(lambda p: 4 * p, params)  # large logits
+    _, recorded = model.apply({"params": params}, x, mutable=[COLLECTION])
+    s = max_logits(recorded)
+    assert s["layers"]["attn"].shape == (3, 2)
+    tau = float(jnp.min(s["layers"]["attn"])) + 1e-3
+    tx = qk_clip(tau)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, state = tx.update(zeros, tx.init(params), params, max_logits=s)
+    assert float(state.heads_clipped) == 5
+    # The first layer sees the same input, so its logits now peak at exactly tau.
+    _, after = model.apply(
+        {"params": optax.apply_updates(params, updates)}, x, mutable=[COLLECTION]
+    )
+    np.testing.assert_allclose(max_logits(after)["layers"]["attn"][0], tau, rtol=1e-4)
+
+
+def test_fully_masked_head_records_minus_inf():
+    q = jnp.ones((1, 3, 2, 4))
+    mask = jnp.zeros((1, 1, 3, 3), bool)
+
+    class Probe(nn.Module):
+        @nn.compact
+        def __call__(self, q):
+            return dot_product_attention(q, q, q, mask=mask, module=self)
+
+    y, out = Probe().apply({}, q, mutable=[COLLECTION])
+    assert np.all(np.isfinite(y))
+    np.testing.assert_array_equal(max_logits(out), [-np.inf, -np.inf])
