@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_clip.py", "bench_adaptive.py", "bench_batchnorm.py"]
+BENCHMARKS = ["bench_clip.py", "bench_adaptive.py", "bench_batchnorm.py", "bench_attention.py"]
 
 
 def main() -> int:

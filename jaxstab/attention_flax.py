@@ -102,10 +102,12 @@ def dot_product_attention(
         raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} key heads")
     group = q_heads // kv_heads
     query = query / jnp.sqrt(query.shape[-1]).astype(dtype)
-    # (batch..., kv_heads, group, q, k): query head h attends with key head h // group.
-    grouped = query.reshape(*query.shape[:-2], kv_heads, group, query.shape[-1])
-    logits = jnp.einsum("...qhgd,...khd->...hgqk", grouped, key, precision=precision)
-    logits = logits.reshape(*logits.shape[:-4], q_heads, *logits.shape[-2:])
+    if group > 1:  # (batch..., kv_heads, group, q, k): query head h uses key head h // group
+        grouped = query.reshape(*query.shape[:-2], kv_heads, group, query.shape[-1])
+        logits = jnp.einsum("...qhgd,...khd->...hgqk", grouped, key, precision=precision)
+        logits = logits.reshape(*logits.shape[:-4], q_heads, *logits.shape[-2:])
+    else:
+        logits = jnp.einsum("...qhd,...khd->...hqk", query, key, precision=precision)
 
     if is_causal:
         causal = jnp.tril(jnp.ones(logits.shape[-2:], bool))
@@ -127,6 +129,8 @@ def dot_product_attention(
         keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
         weights = weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype))
 
+    if group == 1:
+        return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=precision)
     grouped = weights.reshape(*weights.shape[:-3], kv_heads, group, *weights.shape[-2:])
     out = jnp.einsum("...hgqk,...khd->...qhgd", grouped, value, precision=precision)
     return out.reshape(*out.shape[:-3], q_heads, value.shape[-1])
