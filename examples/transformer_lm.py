@@ -45,7 +45,7 @@ except ImportError:  # imported as examples.transformer_lm
 import matplotlib.pyplot as plt
 
 LAYERS, WIDTH, HEADS, CONTEXT, BATCH, VOCAB = 2, 64, 4, 64, 16, 256
-WARMUP, WEIGHT_DECAY, VAL_BATCHES = 50, 0.1, 16
+WARMUP_FRACTION, WEIGHT_DECAY, VAL_BATCHES = 0.1, 0.1, 16
 SPIKE_NATS, SPIKE_WINDOW = 0.3, 5
 SWEEP_RATES = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 DEMO_RATES = (3e-3, 3e-2, 3e-1)
@@ -179,7 +179,9 @@ def make_sweep(method: Method, train, val, steps: int):
     def run(rate, seed):
         key_init, key_data = jax.random.split(jax.random.key(seed))
         params = model.init(key_init, jnp.zeros((1, CONTEXT), jnp.int32))["params"]
-        unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, WARMUP, steps)
+        unit = optax.warmup_cosine_decay_schedule(
+            0.0, 1.0, max(1, int(WARMUP_FRACTION * steps)), steps
+        )
         schedule = lambda count: rate * unit(count)
         tx = optax.with_extra_args_support(method.optimizer(schedule))
 
@@ -321,7 +323,8 @@ def run(
     figure = plot(rows, rates, title, os.path.join(out_dir, "transformer_lm.png"))
     about = (
         f"{LAYERS} layers, width {WIDTH}, {HEADS} heads, context {CONTEXT}, batch {BATCH}; "
-        f"AdamW (b2 0.95, weight decay {WEIGHT_DECAY}), warm-up {WARMUP} then cosine; peak "
+        f"AdamW (b2 0.95, weight decay {WEIGHT_DECAY}), warm-up {WARMUP_FRACTION:.0%} then "
+        f"cosine; peak "
         f"rates {', '.join(f'{r:g}' for r in rates)}. Val loss in nats/byte, seed-averaged; "
         "LR sensitivity: mean over rates of final loss minus the best (lower is flatter); "
         f"spikes: {SPIKE_WINDOW}-step mean loss > {SPIKE_NATS} nats above its running min; "
