@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxstab
-from jaxstab.attention import QKClipState, gather_max_logits, qk_clip
+from jaxstab.attention import QKClipState, flax_projection, gather_max_logits, qk_clip
 from jaxstab.attention_flax import COLLECTION, MaxLogits, dot_product_attention, max_logits
 
 F, D = 6, 3  # features, head_dim
@@ -203,16 +203,25 @@ class QKClipTest(chex.TestCase):
             )
 
     def test_sharded_jit(self):
-        devices = np.array(jax.devices()[:1])
-        mesh = jax.sharding.Mesh(devices, ("d",))
+        """Heads sharded across devices (all there are; 8 under make test's multidevice run)."""
+        n = 4 if jax.device_count() >= 4 else 1
+        mesh = jax.make_mesh((n,), ("heads",))
         params, updates = model()
-        shard = NamedSharding(mesh, PartitionSpec())
-        params, updates = jax.device_put((params, updates), shard)
+
+        def spec(path, x):  # query/key heads split across devices, the rest replicated
+            if flax_projection(path) is None:
+                return PartitionSpec()
+            return PartitionSpec(*[None] * (x.ndim - 2), "heads", None)
+
+        shard = lambda tree: jax.tree_util.tree_map_with_path(
+            lambda path, x: jax.device_put(x, NamedSharding(mesh, spec(path, x))), tree
+        )
         tx = qk_clip(100.0)
         s = {"Block_0": {"attn": jnp.array([400.0, 50.0, 100.0, 1e4])}}
-        got, _ = jax.jit(tx.update)(updates, tx.init(params), params, max_logits=s)
+        got, _ = jax.jit(tx.update)(shard(updates), tx.init(params), shard(params), max_logits=s)
         want, _ = tx.update(updates, tx.init(params), params, max_logits=s)
         chex.assert_trees_all_close(got, want)
+        assert got["Block_0"]["attn"]["query"]["kernel"].sharding.num_devices == n
 
     def test_bad_input(self):
         for tau in (0.0, -1.0, float("nan")):
