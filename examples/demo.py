@@ -32,7 +32,7 @@ SCENARIOS = [
     (deep_mlp, 300),
     (conv_batchnorm, 400),
     (grad_spikes, 450),
-    (transformer_lm, 250),
+    (transformer_lm, 180),
 ]
 
 

@@ -335,7 +335,7 @@ def run(
     )
 
 
-def demo(steps: int = 250, seed: int = 0, out_dir: str = "demo_out") -> dict:
+def demo(steps: int = 180, seed: int = 0, out_dir: str = "demo_out") -> dict:
     """The ``make demo`` scenario: four methods, three rates spanning 100x, one seed."""
     return run(steps, seed, out_dir, DEMO_METHODS, progress=False, rates=DEMO_RATES, seeds=1)
 
