@@ -144,12 +144,6 @@ METHODS: dict[str, Method] = {
     "AdamW + adagc": Method(lambda lr: optax.chain(adagc(), adamw(lr))),
     "AdamW + qk_clip(100)": Method(lambda lr: optax.chain(adamw(lr), qk_clip(100.0))),
     "AdamW + qk_clip(30)": Method(lambda lr: optax.chain(adamw(lr), qk_clip(30.0))),
-    "AdamW + qk_clip(100, anticipate)": Method(
-        lambda lr: optax.chain(adamw(lr), qk_clip(100.0, anticipate=True))
-    ),
-    "AdamW + qk_clip(30, anticipate)": Method(
-        lambda lr: optax.chain(adamw(lr), qk_clip(30.0, anticipate=True))
-    ),
     "AdamW, qk-norm model": Method(adamw, normalize_qk=True),
 }
 

@@ -115,22 +115,6 @@ def _projection_factors(gamma: jax.Array, kv_heads: int) -> tuple[jax.Array, jax
     return query, key
 
 
-def _head_sumsq(leaf: jax.Array, stack: int) -> jax.Array:
-    """Float32 sum of squares per head of a ``(stack..., [features,] heads, dim)`` leaf."""
-    axes = tuple(a for a in range(stack, leaf.ndim) if a != leaf.ndim - 2)
-    return _norms.sumsq(leaf, axis=axes)
-
-
-def _weight_growth(sumsq_before: dict, sumsq_after: dict, q_heads: int) -> jax.Array:
-    """Per query head ``|q'| |k'| / (|q| |k|)``: how the update scales its query and key weights."""
-    ratio = {}
-    for role in ("query", "key"):
-        before, after = sumsq_before[role], sumsq_after[role]
-        r = jnp.sqrt(jnp.where(before > 0, after / jnp.where(before > 0, before, 1.0), 1.0))
-        ratio[role] = jnp.repeat(r, q_heads // r.shape[-1], axis=-1)
-    return ratio["query"] * ratio["key"]
-
-
 def _clip_leaf(update: jax.Array, param: jax.Array, factor: jax.Array) -> jax.Array:
     """``u`` such that ``param + u = factor * (param + update)``; exactly ``update`` where 1.
 
@@ -149,7 +133,6 @@ def qk_clip(
     tau: float | jax.Array = 100.0,
     *,
     projection: Callable[[KeyPath], str | None] | None = None,
-    anticipate: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """QK-Clip: scales the query and key weights of each head whose logits exceeded ``tau``.
 
@@ -181,11 +164,6 @@ def qk_clip(
       projection: ``f(path) -> "query" | "key" | None`` naming the leaves to scale; the attention
         module is the leaf's grandparent (``path[:-2]``). ``None`` means Flax's layout
         (:func:`flax_projection`).
-      anticipate: react to ``S`` times the growth this update gives the head's weights,
-        ``|q'| |k'| / (|q| |k|)`` (Frobenius norms of each head's query and key kernel and bias,
-        after and before the optimizer's update), instead of to ``S`` alone: the logits were
-        measured before the update, and at high learning rates the update itself can raise
-        them well past ``tau``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update needs ``params`` and
@@ -250,13 +228,11 @@ def qk_clip(
         if unused:
             raise ValueError(f"qk_clip: max_logits for {unused} match no query/key parameters")
 
-        leaves_u = [u for _, u in paths_u]
-        reacts_to = _anticipated(logits, roles, leaves_u, leaves_p) if anticipate else logits
-        gammas = {m: _head_factors(s, tau) for m, s in reacts_to.items()}
+        gammas = {m: _head_factors(s, tau) for m, s in logits.items()}
         factors = {
             m: _projection_factors(g, kv_heads.get(m, g.shape[-1])) for m, g in gammas.items()
         }
-        new_leaves = list(leaves_u)
+        new_leaves = [u for _, u in paths_u]
         for i, (role, module) in roles.items():
             query, key = factors[module]
             factor = query if role == "query" else key
@@ -271,15 +247,3 @@ def qk_clip(
         return jax.tree.unflatten(treedef, new_leaves), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _anticipated(logits: dict, roles: dict, updates: list, params: list) -> dict:
-    """Each module's ``S`` times its heads' weight growth over this update."""
-    before = {m: {"query": 0.0, "key": 0.0} for m in logits}
-    after = {m: {"query": 0.0, "key": 0.0} for m in logits}
-    for i, (role, module) in roles.items():
-        stack = logits[module].ndim - 1
-        p = params[i].astype(jnp.float32)
-        before[module][role] = before[module][role] + _head_sumsq(p, stack)
-        after[module][role] = after[module][role] + _head_sumsq(p + updates[i], stack)
-    return {m: s * _weight_growth(before[m], after[m], s.shape[-1]) for m, s in logits.items()}
