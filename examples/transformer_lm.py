@@ -52,7 +52,7 @@ DEMO_RATES = (3e-3, 3e-2, 3e-1)
 DEMO_METHODS = (
     "AdamW",
     "AdamW + clip_by_global_norm(1)",
-    "AdamW + qk_clip(100)",
+    "AdamW + qk_clip(30)",
     "AdamW, qk-norm model",
 )
 
