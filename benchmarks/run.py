@@ -17,6 +17,7 @@ BENCHMARKS = [
     "bench_batchnorm.py",
     "bench_recovery.py",
     "bench_optimizers.py",
+    "bench_attention.py",
     "bench_compile.py",
 ]
 

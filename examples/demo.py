@@ -1,4 +1,4 @@
-"""``make demo``: gradient explosion happening and being stopped, on four small real models.
+"""``make demo``: gradient explosion happening and being stopped, on five small real models.
 
 Runs each scenario script with small settings, prints one table per scenario, and writes
 ``summary.md`` (the tables and plots) and one PNG per scenario into ``--out``. Every number is
@@ -21,15 +21,18 @@ import deep_mlp
 import exploding_rnn
 import grad_spikes
 import jax
+import transformer_lm
 
 import jaxstab
 
-# (module, demo steps): sized so the whole demo runs in about two minutes on 2 CPU cores.
+# (module, demo steps): sized so the whole demo runs in under five minutes on 2 CPU cores. A
+# module's ``demo`` function, where it has one, runs a shortened version of its ``run``.
 SCENARIOS = [
     (exploding_rnn, 600),
     (deep_mlp, 300),
     (conv_batchnorm, 400),
     (grad_spikes, 450),
+    (transformer_lm, 180),
 ]
 
 
@@ -47,7 +50,8 @@ def main(argv=None):
         name = module.__name__
         if args.only and name not in args.only:
             continue
-        result = module.run(max(1, int(steps * args.scale)), args.seed, args.out)
+        run = getattr(module, "demo", module.run)
+        result = run(max(1, int(steps * args.scale)), args.seed, args.out)
         results.append(result)
         print(f"\n## {result['title']}\n{result['about']}\n\n{result['table']}", flush=True)
         print(f"({result['seconds']:.0f} s; plot: {result['figure']})", flush=True)

@@ -21,6 +21,7 @@ from jaxstab.adaptive import (
     quantile_clip,
     zscore_clip,
 )
+from jaxstab.attention import QKClipState, gather_max_logits, qk_clip
 from jaxstab.batchnorm import momentum_from_torch, renorm_schedules
 from jaxstab.clipping import (
     AdaptiveGradClipState,
@@ -64,6 +65,7 @@ __all__ = [
     "ClipByGlobalNormState",
     "DynamicLossScale",
     "NormalizeByGlobalNormState",
+    "QKClipState",
     "QuantileClipState",
     "ScaleBySpamState",
     "ScaleByStableAdamState",
@@ -79,6 +81,7 @@ __all__ = [
     "clip_by_global_norm",
     "dynamic_loss_scale",
     "flax_unit_axes",
+    "gather_max_logits",
     "global_norm",
     "layer_norms",
     "linen",
@@ -86,6 +89,7 @@ __all__ = [
     "nn",
     "nnx",
     "normalize_by_global_norm",
+    "qk_clip",
     "quantile_clip",
     "renorm_schedules",
     "scale_by_spam",

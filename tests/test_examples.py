@@ -17,6 +17,8 @@ import conv_batchnorm
 import deep_mlp
 import demo
 import exploding_rnn
+import numpy as np
+import transformer_lm
 
 
 def _rows(result):
@@ -68,3 +70,25 @@ def test_demo_with_grad_spikes(tmp_path, capsys):
     assert result["table"] in summary and "](grad_spikes.png)" in summary
     assert "| skip_anomalies" in capsys.readouterr().out
     assert not math.isnan(rows["clean (no spikes)"]["max_loss"])
+
+
+def test_transformer_lm_sweep(tmp_path):
+    """Two rates 100x apart: AdamW's logits run away at the top rate, QK-Clip holds them."""
+    names = ["AdamW", "AdamW + qk_clip(30)"]
+    result = transformer_lm.run(40, 0, str(tmp_path), names, False, rates=(3e-3, 3e-1), seeds=1)
+    rows = _rows(result)
+    adamw, clipped = rows["AdamW"], rows["AdamW + qk_clip(30)"]
+    assert adamw["nonfinite"] == 0 and clipped["nonfinite"] == 0
+    assert adamw["best_loss"] < 0.8 * np.log(256)  # it learns (chance: log 256 nats)
+    assert adamw["max_logit"] > 10 * clipped["max_logit"]
+    assert adamw["ratio"] == 1.0 and clipped["sensitivity"] >= 0
+
+
+def test_loss_spikes_counts_excursions_once():
+    loss = np.linspace(3.0, 2.0, 100)
+    assert transformer_lm.loss_spikes(loss) == 0
+    loss[40:50] += 1.0  # one excursion of 10 steps
+    loss[70:72] += 0.2  # under 0.3 nats: noise
+    assert transformer_lm.loss_spikes(loss) == 1
+    loss[90:] = np.nan
+    assert transformer_lm.loss_spikes(loss) == 2

@@ -1,0 +1,350 @@
+"""Transformer learning-rate sweep: attention-logit growth, and what stops it.
+
+A small decoder-only character-level GPT (Flax linen: 2 layers, width 64, 4 heads, context 64)
+learns the Python standard library's own source (every machine has it; no download) with AdamW
+and weight decay. As the learning rate grows, the largest pre-softmax attention logit grows by
+orders of magnitude and the final loss degrades -- the attention-logit growth of Wortsman et al.
+(ICLR 2024), at small scale. Each method trains over a sweep of learning rates and seeds; the
+learning-rate sensitivity (mean over the sweep of final loss minus the best final loss) says how
+much a method flattens that curve.
+
+Every run is one jitted ``lax.scan``; the learning rates and seeds of a sweep are ``vmap``-ed
+inputs, so each method compiles once. Add a method by adding to ``METHODS``.
+
+    python examples/transformer_lm.py --sweep            # the full sweep (minutes)
+    python examples/transformer_lm.py --methods AdamW "AdamW + qk_clip(100)"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxstab
+from jaxstab.adaptive import adagc, zscore_clip
+from jaxstab.attention import qk_clip
+from jaxstab.attention_flax import COLLECTION, dot_product_attention, max_logits
+from jaxstab.guards import skip_anomalies
+
+try:
+    import _common as common
+except ImportError:  # imported as examples.transformer_lm
+    from examples import _common as common
+
+import matplotlib.pyplot as plt
+
+LAYERS, WIDTH, HEADS, CONTEXT, BATCH, VOCAB = 2, 64, 4, 64, 16, 256
+WARMUP_FRACTION, WEIGHT_DECAY, VAL_BATCHES = 0.1, 0.1, 16
+SPIKE_NATS, SPIKE_WINDOW = 0.3, 5
+SWEEP_RATES = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+DEMO_RATES = (3e-3, 3e-2, 3e-1)
+DEMO_METHODS = (
+    "AdamW",
+    "AdamW + clip_by_global_norm(1)",
+    "AdamW + qk_clip(30)",
+    "AdamW, qk-norm model",
+)
+
+# --------------------------------------------------------------------------------------------
+# Data: the standard library's .py files, bytes as tokens
+
+
+def load_corpus(max_bytes: int = 4_000_000, val_fraction: float = 0.1):
+    """``(train, val)`` uint8 arrays: the stdlib's ``.py`` files in sorted path order, joined.
+
+    Files are read in sorted order until ``max_bytes``; the last ``val_fraction`` of the text is
+    the validation set. The same Python version gives the same bytes on every machine.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p for p in root.rglob("*.py")
+        if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
+    )  # fmt: skip
+    chunks, size = [], 0
+    for path in files:
+        data = path.read_bytes()
+        chunks.append(data)
+        size += len(data)
+        if size >= max_bytes:
+            break
+    text = np.frombuffer(b"".join(chunks)[:max_bytes], np.uint8)
+    split = int(len(text) * (1 - val_fraction))
+    return jnp.asarray(text[:split]), jnp.asarray(text[split:])
+
+
+def sample_batch(data: jax.Array, key: jax.Array, batch: int = BATCH) -> jax.Array:
+    """``(batch, CONTEXT + 1)`` windows of ``data`` at random offsets."""
+    starts = jax.random.randint(key, (batch,), 0, data.shape[0] - CONTEXT - 1)
+    return jax.vmap(lambda s: jax.lax.dynamic_slice(data, (s,), (CONTEXT + 1,)))(starts)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+class Block(nn.Module):
+    normalize_qk: bool
+
+    @nn.compact
+    def __call__(self, x, mask):
+        attn = nn.MultiHeadDotProductAttention(
+            HEADS, normalize_qk=self.normalize_qk, attention_fn=dot_product_attention, name="attn"
+        )
+        x = x + attn(nn.LayerNorm()(x), mask=mask, sow_weights=True)
+        h = nn.gelu(nn.Dense(4 * WIDTH)(nn.LayerNorm()(x)))
+        return x + nn.Dense(WIDTH)(h)
+
+
+class GPT(nn.Module):
+    normalize_qk: bool = False
+
+    @nn.compact
+    def __call__(self, tokens):
+        mask = nn.make_causal_mask(tokens)
+        x = nn.Embed(VOCAB, WIDTH)(tokens)
+        x = x + self.param("pos", nn.initializers.normal(0.02), (CONTEXT, WIDTH))
+        for i in range(LAYERS):
+            x = Block(self.normalize_qk, name=f"Block_{i}")(x, mask)
+        return nn.Dense(VOCAB, name="head")(nn.LayerNorm()(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Methods: name -> optimizer factory (learning-rate schedule -> optax transform), model option
+
+
+class Method(NamedTuple):
+    """A way to train: ``optimizer(schedule)`` builds the transform; ``normalize_qk`` the model."""
+
+    optimizer: Callable[[optax.Schedule], optax.GradientTransformation]
+    normalize_qk: bool = False
+
+
+def adamw(schedule):
+    return optax.adamw(schedule, b2=0.95, weight_decay=WEIGHT_DECAY)
+
+
+METHODS: dict[str, Method] = {
+    "AdamW": Method(adamw),
+    "AdamW + clip_by_global_norm(1)": Method(
+        lambda lr: optax.chain(jaxstab.clip_by_global_norm(1.0), adamw(lr))
+    ),
+    "AdamW + zscore_clip": Method(lambda lr: optax.chain(zscore_clip(), adamw(lr))),
+    "skip_anomalies(AdamW)": Method(lambda lr: skip_anomalies(adamw(lr))),
+    "AdamW + adagc": Method(lambda lr: optax.chain(adagc(), adamw(lr))),
+    "AdamW + qk_clip(100)": Method(lambda lr: optax.chain(adamw(lr), qk_clip(100.0))),
+    "AdamW + qk_clip(30)": Method(lambda lr: optax.chain(adamw(lr), qk_clip(30.0))),
+    "AdamW, qk-norm model": Method(adamw, normalize_qk=True),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Training: one compiled function per method runs the whole sweep
+
+
+class Curves(NamedTuple):
+    """Per-step curves of a run (NumPy arrays of length ``steps``) and its final val loss."""
+
+    loss: np.ndarray
+    grad_norm: np.ndarray  # global norm of the raw gradient
+    max_logit: np.ndarray  # largest causal pre-softmax logit over layers and heads
+    val_loss: float
+
+
+def make_sweep(method: Method, train, val, steps: int):
+    """``sweep(rates, seeds) -> Curves`` arrays with leading axes (rates x seeds), jitted."""
+    model = GPT(method.normalize_qk)
+
+    def loss_fn(params, tokens):
+        logits, sown = model.apply({"params": params}, tokens[:, :-1], mutable=[COLLECTION])
+        loss = common.cross_entropy(logits, tokens[:, 1:])
+        return loss, max_logits(sown)
+
+    def run(rate, seed):
+        key_init, key_data = jax.random.split(jax.random.key(seed))
+        params = model.init(key_init, jnp.zeros((1, CONTEXT), jnp.int32))["params"]
+        unit = optax.warmup_cosine_decay_schedule(
+            0.0, 1.0, max(1, int(WARMUP_FRACTION * steps)), steps
+        )
+        schedule = lambda count: rate * unit(count)
+        tx = optax.with_extra_args_support(method.optimizer(schedule))
+
+        def step(carry, key):
+            params, opt_state = carry
+            tokens = sample_batch(train, key)
+            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
+            updates, opt_state = tx.update(grads, opt_state, params, max_logits=logits)
+            params = optax.apply_updates(params, updates)
+            top = jnp.max(jnp.stack([jnp.max(s) for s in jax.tree.leaves(logits)]))
+            return (params, opt_state), (loss, jaxstab.global_norm(grads), top)
+
+        keys = jax.random.split(key_data, steps)
+        (params, _), (loss, norm, top) = jax.lax.scan(step, (params, tx.init(params)), keys)
+        val_keys = jax.random.split(jax.random.key(12345), VAL_BATCHES)  # the same for all runs
+        val_loss = jnp.mean(
+            jax.lax.map(lambda k: loss_fn(params, sample_batch(val, k))[0], val_keys)
+        )
+        return loss, norm, top, val_loss
+
+    grid = jax.vmap(jax.vmap(run, in_axes=(None, 0)), in_axes=(0, None))
+    return jax.jit(grid)
+
+
+def sweep(names: Sequence[str], rates: Sequence[float], seeds: Sequence[int], steps: int,
+          *, progress: bool = True) -> dict[str, list[list[Curves]]]:  # fmt: skip
+    """``{method: curves[rate][seed]}`` for every method in ``names``."""
+    train, val = load_corpus()
+    out = {}
+    for name in names:
+        start = time.perf_counter()
+        fn = make_sweep(METHODS[name], train, val, steps)
+        arrays = fn(jnp.asarray(rates, jnp.float32), jnp.asarray(seeds, jnp.int32))
+        loss, norm, top, val_loss = (np.asarray(a) for a in arrays)
+        out[name] = [
+            [Curves(loss[i, j], norm[i, j], top[i, j], float(val_loss[i, j]))
+             for j in range(len(seeds))]
+            for i in range(len(rates))
+        ]  # fmt: skip
+        if progress:
+            print(f"  {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def loss_spikes(loss: np.ndarray) -> int:
+    """Spikes: times the 5-step mean loss rises more than 0.3 nats above its running minimum.
+
+    Each excursion counts once (until the smoothed loss comes back under the threshold); a
+    non-finite loss counts as one spike that never ends.
+    """
+    smooth = np.convolve(np.nan_to_num(loss, nan=np.inf), np.ones(SPIKE_WINDOW) / SPIKE_WINDOW,
+                         mode="valid")  # fmt: skip
+    above = smooth > np.minimum.accumulate(smooth) + SPIKE_NATS
+    return int(np.sum(above[1:] & ~above[:-1]) + above[0])
+
+
+def summarize(curves: list[list[Curves]], rates: Sequence[float], last: int = 100) -> dict:
+    """One method's row: seed-averaged figures over the sweep, and its LR sensitivity."""
+    final = np.array([[c.val_loss for c in per_rate] for per_rate in curves])  # rates x seeds
+    final = np.where(np.isfinite(final), final, np.log(VOCAB))  # a diverged run: chance level
+    mean = final.mean(axis=1)
+    every = [c for per_rate in curves for c in per_rate]
+    return {
+        "best_loss": float(mean.min()),
+        "best_rate": rates[int(mean.argmin())],
+        "top_loss": float(mean[-1]),
+        "sensitivity": float(np.mean(final - final.min(axis=0), axis=0).mean()),
+        "spikes": sum(loss_spikes(c.loss) for c in every),
+        "nonfinite": int(sum(np.sum(~np.isfinite(c.loss)) for c in every)),
+        "max_grad_norm": common.nanmax(np.concatenate([c.grad_norm for c in every])),
+        "max_logit": common.nanmax(np.concatenate([c.max_logit for c in every])),
+        "late_logit": common.nanmax(np.concatenate([c.max_logit[-last:] for c in every])),
+        "final_per_rate": mean,
+        "logit_per_rate": np.array([max(np.nanmax(c.max_logit) for c in r) for r in curves]),
+    }
+
+
+COLUMNS = [
+    ("method", "method", "{}"),
+    ("best_loss", "best val loss", "{:.3f}"),
+    ("top_loss", "val loss at top rate", "{:.3f}"),
+    ("sensitivity", "LR sensitivity", "{:.3f}"),
+    ("ratio", "vs AdamW", "{:.2f}x"),
+    ("spikes", "loss spikes", "{:d}"),
+    ("nonfinite", "non-finite steps", "{:d}"),
+    ("max_grad_norm", "max grad norm", "{:.3g}"),
+    ("max_logit", "max logit", "{:.4g}"),
+    ("late_logit", "max logit, last 100 steps", "{:.4g}"),
+]
+
+
+def plot(rows: list[dict], rates: Sequence[float], title: str, path: str) -> str:
+    """Final val loss and max attention logit against learning rate, one line per method."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    for row in rows:
+        axes[0].plot(rates, row["final_per_rate"], "o-", lw=1.2, ms=4, label=row["method"])
+        axes[1].plot(rates, row["logit_per_rate"], "o-", lw=1.2, ms=4)
+    axes[0].set(xscale="log", xlabel="peak learning rate", ylabel="final validation loss")
+    axes[1].set(xscale="log", yscale="log", xlabel="peak learning rate",
+                ylabel="max attention logit (causal)")  # fmt: skip
+    axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both", lw=0.4)
+    fig.suptitle(title)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(
+    steps: int = 500,
+    seed: int = 0,
+    out_dir: str = "demo_out",
+    names: Sequence[str] | None = None,
+    progress: bool = True,
+    *,
+    rates: Sequence[float] = SWEEP_RATES,
+    seeds: int = 2,
+) -> dict:
+    start = time.perf_counter()
+    names = list(names or METHODS)
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    results = sweep(names, rates, range(seed, seed + seeds), steps, progress=progress)
+    rows = [{"method": name, **summarize(curves, rates)} for name, curves in results.items()]
+    base = next((r["sensitivity"] for r in rows if r["method"] == "AdamW"), None)
+    for row in rows:
+        row["ratio"] = row["sensitivity"] / base if base else None
+    title = (
+        f"Char-level GPT on the stdlib, AdamW, {steps} steps: learning-rate sweep "
+        f"({seeds} seed{'s' * (seeds > 1)})"
+    )
+    figure = plot(rows, rates, title, os.path.join(out_dir, "transformer_lm.png"))
+    about = (
+        f"{LAYERS} layers, width {WIDTH}, {HEADS} heads, context {CONTEXT}, batch {BATCH}; "
+        f"AdamW (b2 0.95, weight decay {WEIGHT_DECAY}), warm-up {WARMUP_FRACTION:.0%} then "
+        f"cosine; peak "
+        f"rates {', '.join(f'{r:g}' for r in rates)}. Val loss in nats/byte, seed-averaged; "
+        "LR sensitivity: mean over rates of final loss minus the best (lower is flatter); "
+        f"spikes: {SPIKE_WINDOW}-step mean loss > {SPIKE_NATS} nats above its running min; "
+        "max logit: the largest causal pre-softmax attention logit q.k/sqrt(d) of any step."
+    )
+    return common.scenario_result(
+        "transformer_lm", title, about, rows, COLUMNS, results, figure, start
+    )
+
+
+def demo(steps: int = 180, seed: int = 0, out_dir: str = "demo_out") -> dict:
+    """The ``make demo`` scenario: four methods, three rates spanning 100x, one seed."""
+    return run(steps, seed, out_dir, DEMO_METHODS, progress=False, rates=DEMO_RATES, seeds=1)
+
+
+def main(argv=None):
+    parser = common.arg_parser(__doc__.split("\n")[0], steps=500)
+    parser.add_argument("--sweep", action="store_true", help="all methods, 5 rates, 2 seeds")
+    parser.add_argument("--rates", type=float, nargs="*", default=list(SWEEP_RATES))
+    parser.add_argument("--seeds", type=int, default=2, help="seeds per rate")
+    args = parser.parse_args(argv)
+    names = None if args.sweep else args.methods
+    result = run(args.steps, args.seed, args.out, names, rates=args.rates, seeds=args.seeds)
+    print(result["title"], result["about"], result["table"], f"plot: {result['figure']}",
+          f"({result['seconds']:.0f} s)", sep="\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
