@@ -55,7 +55,7 @@ from jaxstab.scaling import NormalizeByGlobalNormState, normalize_by_global_norm
 from jaxstab.telemetry import telemetry
 
 if TYPE_CHECKING:  # type checkers and IDEs see the modules that load lazily below
-    from jaxstab import linen, nnx
+    from jaxstab import attention_flax, linen, nnx
 
 __version__ = "0.1.0"
 
@@ -77,6 +77,7 @@ __all__ = [
     "adagc",
     "adaptive_grad_clip",
     "all_finite",
+    "attention_flax",
     "batchnorm",
     "clip_by_global_norm",
     "dynamic_loss_scale",
@@ -103,7 +104,7 @@ __all__ = [
 ]
 
 # The flax modules load on first access (PEP 562), so `import jaxstab` stays flax-free.
-_FLAX_MODULES = ("linen", "nnx")
+_FLAX_MODULES = ("attention_flax", "linen", "nnx")
 
 
 def __getattr__(name):
