@@ -58,7 +58,8 @@ def train(method: str, data, *, steps: int, seed: int, burst: range) -> dict:
     train_data, val_data = data
     model = lm.GPT()
     params = model.init(jax.random.key(seed), jnp.zeros((1, lm.CONTEXT), jnp.int32))["params"]
-    tx = lm.adamw(optax.warmup_cosine_decay_schedule(0.0, RATE, lm.WARMUP, steps))
+    warmup = max(1, int(lm.WARMUP_FRACTION * steps))
+    tx = lm.adamw(optax.warmup_cosine_decay_schedule(0.0, RATE, warmup, steps))
     if method.startswith("skip_anomalies"):
         tx = jaxstab.skip_anomalies(tx)
     recover = method.endswith("spike_recovery")

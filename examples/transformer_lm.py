@@ -145,6 +145,17 @@ METHODS: dict[str, Method] = {
     "AdamW + qk_clip(100)": Method(lambda lr: optax.chain(adamw(lr), qk_clip(100.0))),
     "AdamW + qk_clip(30)": Method(lambda lr: optax.chain(adamw(lr), qk_clip(30.0))),
     "AdamW, qk-norm model": Method(adamw, normalize_qk=True),
+    # update-side stabilizers, with AdamW's hyperparameters
+    "stable_adamw": Method(
+        lambda lr: jaxstab.stable_adamw(lr, b2=0.95, weight_decay=WEIGHT_DECAY)
+    ),
+    # SPAM's moment resets scaled to a 500-step run (the paper's 500/150 suit long runs)
+    "spam": Method(
+        lambda lr: jaxstab.spam(
+            lr, b2=0.95, weight_decay=WEIGHT_DECAY, reset_interval=250, warmup_steps=75
+        )
+    ),
+    "AdamW + zscore_clip on the update": Method(lambda lr: optax.chain(adamw(lr), zscore_clip())),
 }
 
 
