@@ -1,4 +1,4 @@
-"""``make demo``: gradient explosion happening and being stopped, on five small real models.
+"""``make demo``: gradient explosion happening and being stopped, on six small real models.
 
 Runs each scenario script with small settings, prints one table per scenario, and writes
 ``summary.md`` (the tables and plots) and one PNG per scenario into ``--out``. Every number is
@@ -21,6 +21,7 @@ import deep_mlp
 import exploding_rnn
 import grad_spikes
 import jax
+import spike_recovery
 import transformer_lm
 
 import jaxstab
@@ -33,6 +34,7 @@ SCENARIOS = [
     (conv_batchnorm, 400),
     (grad_spikes, 450),
     (transformer_lm, 180),
+    (spike_recovery, 400),
 ]
 
 

@@ -18,6 +18,7 @@ import deep_mlp
 import demo
 import exploding_rnn
 import numpy as np
+import spike_recovery
 import transformer_lm
 
 
@@ -92,3 +93,17 @@ def test_loss_spikes_counts_excursions_once():
     assert transformer_lm.loss_spikes(loss) == 1
     loss[90:] = np.nan
     assert transformer_lm.loss_spikes(loss) == 2
+
+
+def test_spike_recovery_rolls_back_over_a_burst(tmp_path):
+    methods = ["clean (no burst)", "AdamW + spike_recovery"]
+    result = spike_recovery.run(
+        120, 0, str(tmp_path), methods, progress=False, seeds=1, burst_length=10
+    )
+    rows = _rows(result)
+    recovered = rows["AdamW + spike_recovery"]
+    assert recovered["rollbacks"] >= 1 and recovered["steps_lost"] > 0
+    assert recovered["skipped_batches"] >= 10  # the loop jumped over the burst
+    runs = result["runs"]["AdamW + spike_recovery"][0]
+    assert len(runs["loss"]) == 120 + recovered["steps_lost"]  # lost steps were redone
+    assert abs(recovered["vs_clean"]) < 10
