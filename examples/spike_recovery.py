@@ -105,6 +105,7 @@ COLUMNS = [
     ("method", "method", "{}"),
     ("val_loss", "final val loss", "{:.4f}"),
     ("vs_clean", "vs clean", "{:+.2f}%"),
+    ("per_seed", "per seed", "{}"),
     ("rollbacks", "rollbacks", "{:g}"),
     ("steps_lost", "steps redone", "{:g}"),
     ("skipped_batches", "batches skipped", "{:g}"),
@@ -156,11 +157,12 @@ def run(
     for name, runs in results.items():
         row = {"method": name}
         for key, _, _ in COLUMNS[1:]:
-            if key != "vs_clean":
+            if key not in ("vs_clean", "per_seed"):
                 row[key] = float(np.mean([r[key] for r in runs]))
         if clean:  # per seed against the clean run of that seed, then averaged
             gaps = [r["val_loss"] / c["val_loss"] - 1 for r, c in zip(runs, clean, strict=True)]
             row["vs_clean"] = 100 * float(np.mean(gaps))
+            row["per_seed"] = ", ".join(f"{100 * g:+.2f}%" for g in gaps)
         rows.append(row)
     title = (
         f"Char-level GPT, AdamW lr {RATE:g}, {steps} kept steps: {burst_length} batches of random "
