@@ -239,25 +239,30 @@ def scale_by_stable_adam(
         # g^2 / max(nu_hat, eps^2) written as g^2 bc2 / max(nu, eps^2 bc2): a floor that is not
         # a compile-time constant keeps XLA:CPU from writing out a full array of it every step.
         floor = jnp.maximum(jnp.square(jnp.asarray(eps_, _F32)) * bc2, _TINY)
+        # The barrier keeps XLA from sharing g*g and the new moment between this reduction and
+        # the update (it would write both out as full arrays): each pass recomputes them.
+        ratio_sums = [
+            (bc2 * jnp.sum(g * g / jnp.maximum(new_nu(g, v), floor))).astype(_F32)
+            for g, v in zip(*jax.lax.optimization_barrier((gs, nus)), strict=True)
+        ]
+        sizes = [jnp.asarray(g.size, _F32) for g in gs]
+        if axis_name is not None:
+            ratio_sums, sizes = jax.lax.psum((ratio_sums, sizes), axis_name)
+        # Each tensor's factor from its own scalars: a vector of all of them sliced into every
+        # tensor's update makes XLA's compile time grow quadratically with the number of tensors.
+        rms = [jnp.sqrt(r / jnp.maximum(n, 1)) for r, n in zip(ratio_sums, sizes, strict=True)]
+        finite = jnp.all(jnp.isfinite(jnp.stack(ratio_sums))) if gs else jnp.asarray(True)
+        threshold = _hyper(clip_threshold)
+        factors = [
+            _norms.select(finite, _norms.clip_factor(r, threshold), jnp.zeros((), _F32))
+            for r in rms
+        ]
         if gs:
-            # The barrier keeps XLA from sharing g*g and the new moment between this reduction
-            # and the update (it would write both out as full arrays): each pass recomputes them.
-            ratio_sums = bc2 * jnp.stack(
-                [
-                    jnp.sum(g * g / jnp.maximum(new_nu(g, v), floor))
-                    for g, v in zip(*jax.lax.optimization_barrier((gs, nus)), strict=True)
-                ]
-            ).astype(_F32)
-            sizes = jnp.asarray([g.size for g in gs], _F32)
-            if axis_name is not None:
-                ratio_sums, sizes = jax.lax.psum((ratio_sums, sizes), axis_name)
-            rms = jnp.sqrt(ratio_sums / jnp.maximum(sizes, 1))
-            finite = jnp.all(jnp.isfinite(ratio_sums))
-            factors = jnp.where(finite, _norms.clip_factor(rms, _hyper(clip_threshold)), 0.0)
-            clip_fraction = jnp.where(finite, jnp.mean((factors < 1).astype(_F32)), 0.0)
-            max_rms = jnp.max(rms)
+            clip_fraction = _norms.select(
+                finite, jnp.mean((jnp.stack(factors) < 1).astype(_F32)), jnp.zeros((), _F32)
+            )
+            max_rms = jnp.max(jnp.stack(rms))
         else:
-            finite, factors = jnp.asarray(True), jnp.zeros((0,), _F32)
             clip_fraction = max_rms = jnp.zeros((), _F32)
 
         out, out_mu, out_nu = [], [], []
