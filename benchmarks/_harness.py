@@ -112,6 +112,15 @@ def size_from_args(description: str) -> tuple[int, int]:
     return (2_000_000, 8) if quick_from_args(description) else (10_000_000, 40)
 
 
+def ratio_table(times: dict[str, float], compile_s: dict[str, float], base: str) -> str:
+    """``time_steps``' results as a markdown table of ms/step, ratio to ``base`` and compile s."""
+    rows = [
+        [name, f"{t * 1e3:.2f}", f"{t / times[base]:.2f}x", f"{compile_s[name]:.2f}"]
+        for name, t in times.items()
+    ]
+    return markdown_table(["variant", "ms/step", f"vs {base}", "compile s"], rows)
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

@@ -68,15 +68,9 @@ def variants() -> dict[str, optax.GradientTransformation]:
 
 def run(n_leaves: int, total: int, reps: int) -> str:
     params, grads = _harness.make_tree(n_leaves, total)
-    times, compile_s = _harness.time_steps(
-        _harness.optimizer_steps(variants()), params, grads, reps=reps
-    )
-    base = times["adam"]
-    rows = [
-        [name, f"{t * 1e3:.2f}", f"{t / base:.2f}x", f"{compile_s[name]:.2f}"]
-        for name, t in times.items()
-    ]
-    return _harness.markdown_table(["variant", "ms/step", "vs adam", "compile s"], rows)
+    steps = _harness.optimizer_steps(variants())
+    times, compile_s = _harness.time_steps(steps, params, grads, reps=reps)
+    return _harness.ratio_table(times, compile_s, "adam")
 
 
 def main() -> None:

@@ -44,12 +44,7 @@ def run(n_leaves: int, total: int, reps: int) -> str:
         "adam + spike_recovery (snapshot step)": recovery_step(tx, spike_recovery(1)),
     }
     times, compile_s = _harness.time_steps(steps, params, grads, reps=reps)
-    base = times["adam"]
-    rows = [
-        [name, f"{t * 1e3:.2f}", f"{t / base:.2f}x", f"{compile_s[name]:.2f}"]
-        for name, t in times.items()
-    ]
-    return _harness.markdown_table(["variant", "ms/step", "vs adam", "compile s"], rows)
+    return _harness.ratio_table(times, compile_s, "adam")
 
 
 def main() -> None:

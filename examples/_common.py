@@ -230,6 +230,14 @@ def running_mean(x: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([np.cumsum(x[: window - 1]) / np.arange(1, window), out])
 
 
+def save_figure(fig, path: str) -> str:
+    """Writes ``fig`` to ``path`` (folders made as needed), closes it and returns the path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_runs(runs: dict[str, Run], title: str, path: str, *, extra: Callable | None = None) -> str:
     """Log-scale gradient norm and loss against step, one line per method; saved to ``path``.
 
@@ -270,10 +278,7 @@ def plot_runs(runs: dict[str, Run], title: str, path: str, *, extra: Callable | 
     if extra:
         extra(axes[2])
     fig.suptitle(title)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,10 +124,7 @@ def plot(results: dict, burst: range, title: str, path: str) -> str:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both", lw=0.4)
     ax.set_title(title, fontsize=10)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def run(

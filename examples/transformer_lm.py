@@ -295,10 +295,7 @@ def plot(rows: list[dict], rates: Sequence[float], title: str, path: str) -> str
     for ax in axes:
         ax.grid(alpha=0.3, which="both", lw=0.4)
     fig.suptitle(title)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def run(
