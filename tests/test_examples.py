@@ -98,12 +98,12 @@ def test_loss_spikes_counts_excursions_once():
 def test_spike_recovery_rolls_back_over_a_burst(tmp_path):
     methods = ["clean (no burst)", "AdamW + spike_recovery"]
     result = spike_recovery.run(
-        120, 0, str(tmp_path), methods, progress=False, seeds=1, burst_length=10
+        300, 0, str(tmp_path), methods, progress=False, seeds=1, burst_length=10
     )
     rows = _rows(result)
     recovered = rows["AdamW + spike_recovery"]
     assert recovered["rollbacks"] >= 1 and recovered["steps_lost"] > 0
     assert recovered["skipped_batches"] >= 10  # the loop jumped over the burst
     runs = result["runs"]["AdamW + spike_recovery"][0]
-    assert len(runs["loss"]) == 120 + recovered["steps_lost"]  # lost steps were redone
+    assert len(runs["loss"]) == 300 + recovered["steps_lost"]  # lost steps were redone
     assert abs(recovered["vs_clean"]) < 10
