@@ -82,21 +82,17 @@ def sumsq(x: jax.Array, axis=None, keepdims: bool = False, scale=None, dtype=jnp
 
 
 def select(pred, on_true, on_false) -> jax.Array:
-    """``jnp.where(pred, on_true, on_false)`` as one ``lax.select`` (operands broadcast, cast to
-    ``on_false``'s dtype). ``jnp.where`` traces a nested ``jit`` at every call, which adds up to
-    seconds of compile time over hundreds of leaves; a scalar ``pred`` stays scalar, the form XLA
-    fuses best."""
+    """``jnp.where(pred, on_true, on_false)``, as one ``lax.select`` where no broadcasting is
+    needed (a scalar ``pred`` with cases of one shape, or all three of one shape): ``jnp.where``
+    traces a nested ``jit`` at every call, which adds up to seconds of compile time over hundreds
+    of leaves. Where operands must broadcast it is ``jnp.where``, which also keeps their sharding.
+    The cases take ``on_false``'s dtype."""
     on_false = jnp.asarray(on_false)
     on_true = jnp.asarray(on_true, on_false.dtype)
     pred = jnp.asarray(pred)
-    shape = jnp.broadcast_shapes(pred.shape, on_true.shape, on_false.shape)
-
-    def full(v):
-        if v.shape == shape:
-            return v
-        return jax.lax.broadcast_in_dim(v, shape, tuple(range(len(shape) - v.ndim, len(shape))))
-
-    return jax.lax.select(pred if pred.ndim == 0 else full(pred), full(on_true), full(on_false))
+    if on_true.shape == on_false.shape and pred.shape in ((), on_false.shape):
+        return jax.lax.select(pred, on_true, on_false)
+    return jnp.where(pred, on_true, on_false)
 
 
 def _trusted(ssq: jax.Array) -> jax.Array:
@@ -245,7 +241,7 @@ def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
     """
     wide = jnp.promote_types(x.dtype, jnp.float32)
     scaled = (x.astype(wide) * factor).astype(x.dtype)
-    return select(factor == 0, jnp.zeros((), x.dtype), scaled)
+    return select(factor == 0, jnp.zeros_like(scaled), scaled)
 
 
 def scale_tree(tree, factor: jax.Array):
