@@ -3,8 +3,6 @@
 Run by `make test` in its own process with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -33,13 +31,6 @@ OPTIMIZERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    if jax.device_count() < 8:
-        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-    return jax.make_mesh((8,), ("data",))
-
-
 def params_and_grad_steps():
     rng = np.random.default_rng(0)
     params = {
@@ -55,24 +46,12 @@ def params_and_grad_steps():
     return params, grads
 
 
-def run(tx, params, grad_steps, put=lambda t: t):
-    state = tx.init(put(params))
-    update = jax.jit(tx.update)
-    outs = []
-    for g in grad_steps:
-        u, state = update(put(g), state, put(params))
-        outs.append(u)
-    return outs, state
-
-
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_sharded_jit_matches_single_device(mesh, name):
+def test_sharded_jit_matches_single_device(mesh, shard, run_steps, name):
     params, grad_steps = params_and_grad_steps()
     sharding = NamedSharding(mesh, P("data"))
-    want, want_state = run(OPTIMIZERS[name](), params, grad_steps)
-    got, state = run(
-        OPTIMIZERS[name](), params, grad_steps, put=lambda t: jax.device_put(t, sharding)
-    )
+    want, want_state = run_steps(OPTIMIZERS[name](), params, grad_steps)
+    got, state = run_steps(OPTIMIZERS[name](), params, grad_steps, put=shard)
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=1e-8)
     for key, value in jaxstab.telemetry(want_state).items():
         np.testing.assert_allclose(jaxstab.telemetry(state)[key], value, rtol=2e-5, err_msg=key)
@@ -81,18 +60,14 @@ def test_sharded_jit_matches_single_device(mesh, name):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_shard_map_with_axis_name_matches_single_device(mesh, name):
+def test_shard_map_with_axis_name_matches_single_device(shard, jit_shard_map, run_steps, name):
     """Each device holds a shard of every tensor; axis_name makes per-tensor RMS, the finiteness
     check and the spike count global."""
     params, grad_steps = params_and_grad_steps()
-    want, want_state = run(OPTIMIZERS[name](), params, grad_steps)
+    want, want_state = run_steps(OPTIMIZERS[name](), params, grad_steps)
     tx = OPTIMIZERS[name](axis_name="data")
     spec = P("data")
 
-    @jax.jit
-    @functools.partial(
-        jax.shard_map, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, P()), check_vma=False
-    )
     def steps(params, grads_stacked):
         state = tx.init(params)
         outs = []
@@ -103,8 +78,8 @@ def test_shard_map_with_axis_name_matches_single_device(mesh, name):
         return jax.tree.map(lambda *x: jnp.stack(x, axis=1), *outs), jaxstab.telemetry(state)
 
     stacked = jax.tree.map(lambda *x: jnp.stack(x, axis=1), *grad_steps)
-    put = lambda t: jax.device_put(t, NamedSharding(mesh, spec))
-    got, tel = steps(put(params), put(stacked))
+    steps = jit_shard_map(steps, (spec, spec), (spec, P()), check_vma=False)
+    got, tel = steps(shard(params), shard(stacked))
     for i, w in enumerate(want):
         chex.assert_trees_all_close(
             jax.tree.map(lambda x, i=i: x[:, i], got), w, rtol=2e-5, atol=1e-8
