@@ -5,9 +5,12 @@
 """
 
 import jax
+import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+import jaxstab
 
 N_DEVICES = 8
 AXIS = "data"
@@ -62,6 +65,32 @@ def run_steps():
             out, state = update(put(grads), state, put(params))
             outs.append(out)
         return outs, state
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_steps_in_shard_map(shard, jit_shard_map):
+    """``run(tx, params, grad_steps) -> (updates per step, telemetry of the last state)``.
+
+    All steps inside one jitted ``shard_map``, every leaf split along its first axis across the
+    devices (``tx`` built with ``axis_name="data"``); the updates come back whole.
+    """
+
+    def run(tx, params, grad_steps):
+        def steps(params, grads_stacked):
+            state = tx.init(params)
+            outs = []
+            for i in range(len(grad_steps)):
+                grads = jax.tree.map(lambda x, i=i: x[:, i], grads_stacked)
+                out, state = tx.update(grads, state, params)
+                outs.append(out)
+            return jax.tree.map(lambda *x: jnp.stack(x, axis=1), *outs), jaxstab.telemetry(state)
+
+        stacked = jax.tree.map(lambda *x: jnp.stack(x, axis=1), *grad_steps)
+        mapped = jit_shard_map(steps, (SPLIT, SPLIT), (SPLIT, P()), check_vma=False)
+        got, tel = mapped(shard(params), shard(stacked))
+        return [jax.tree.map(lambda x, i=i: x[:, i], got) for i in range(len(grad_steps))], tel
 
     return run
 

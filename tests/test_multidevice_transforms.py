@@ -58,30 +58,13 @@ def test_sharded_jit_matches_single_device(mesh, shard, run_steps, name):
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_shard_map_with_axis_name_matches_single_device(shard, jit_shard_map, run_steps, name):
+def test_shard_map_with_axis_name_matches_single_device(run_steps, run_steps_in_shard_map, name):
     """Each device holds a shard of every leaf; axis_name makes norms and statistics global."""
     params, grad_steps = params_and_grad_steps()
     want, want_state = run_steps(TRANSFORMS[name](), params, grad_steps)
-    tx = TRANSFORMS[name](axis_name="data")
-    spec = P("data")
-
-    def steps(params, grads_stacked, _):
-        state = tx.init(params)
-        outs = []
-        for i in range(len(grad_steps)):
-            g = jax.tree.map(lambda x, i=i: x[:, i], grads_stacked)
-            u, state = tx.update(g, state, params)
-            outs.append(u)
-        return jax.tree.map(lambda *x: jnp.stack(x, axis=1), *outs), jaxstab.telemetry(state)
-
-    stacked = jax.tree.map(lambda *x: jnp.stack(x), *grad_steps)
-    stacked = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), stacked)  # shard axis first
-    run = jit_shard_map(steps, (spec, spec, spec), (spec, P()), check_vma=False)
-    got, tel = run(shard(params), shard(stacked), shard(params))
-    got = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), got)
-    for i, w in enumerate(want):
-        chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], got), w, rtol=2e-5,
-                                    atol=1e-7)
+    got, tel = run_steps_in_shard_map(TRANSFORMS[name](axis_name="data"), params, grad_steps)
+    for g, w in zip(got, want, strict=True):
+        chex.assert_trees_all_close(g, w, rtol=2e-5, atol=1e-7)
     for key, value in jaxstab.telemetry(want_state).items():
         np.testing.assert_allclose(tel[key], value, rtol=2e-5, err_msg=key)
 
