@@ -113,7 +113,7 @@ def _accept(ok, new_m, m, new_v, v):
     zeroed anyway, and this way each moment's buffer is read once and rewritten in place (reading
     the old moments for the update as well would make XLA copy them first).
     """
-    return jnp.where(ok, new_m, m.astype(new_m.dtype)), jnp.where(ok, new_v, v)
+    return _norms.select(ok, new_m, m.astype(new_m.dtype)), _norms.select(ok, new_v, v)
 
 
 def _flatten(updates, mu):
@@ -236,34 +236,41 @@ def scale_by_stable_adam(
         bc1, bc2 = _bias_correction(b1_, step), _bias_correction(b2_, step)
         gs = [g.astype(_stat_dtype(g.dtype)) for g in grads]
         new_nu = lambda g, v: (1 - b2_) * (g * g) + b2_ * v
-        # g^2 / max(nu_hat, eps^2) written as g^2 bc2 / max(nu, eps^2 bc2): a floor that is not
-        # a compile-time constant keeps XLA:CPU from writing out a full array of it every step.
-        floor = jnp.maximum(jnp.square(jnp.asarray(eps_, _F32)) * bc2, _TINY)
-        # The barrier keeps XLA from sharing g*g and the new moment between this reduction and
-        # the update (it would write both out as full arrays): each pass recomputes them.
+        # g^2 / max(nu_hat, eps^2) = bc2 / (1 - b2) * g^2 / max(g^2 + k nu, floor) with
+        # k = b2 / (1 - b2): five elementwise operations per entry in the reduction, whose cost
+        # on XLA:CPU grows with each. A floor that is not a compile-time constant keeps XLA:CPU
+        # from writing out a full array of it every step.
+        k = b2_ / (1 - b2_)
+        floor = jnp.maximum(jnp.square(jnp.asarray(eps_, _F32)) * bc2, _TINY) / (1 - b2_)
+        # The barrier keeps XLA from sharing g*g between this reduction and the moment update
+        # (it would write it out as a full array): each pass computes its own.
         ratio_sums = [
-            (bc2 * jnp.sum(g * g / jnp.maximum(new_nu(g, v), floor))).astype(_F32)
+            jnp.sum(g * g / jnp.maximum(g * g + k * v, floor)).astype(_F32)
             for g, v in zip(*jax.lax.optimization_barrier((gs, nus)), strict=True)
         ]
-        sizes = [jnp.asarray(g.size, _F32) for g in gs]
+        sizes = [float(max(g.size, 1)) for g in gs]
         if axis_name is not None:
             ratio_sums, sizes = jax.lax.psum((ratio_sums, sizes), axis_name)
-        # Each tensor's factor from its own scalars: a vector of all of them sliced into every
-        # tensor's update makes XLA's compile time grow quadratically with the number of tensors.
-        rms = [jnp.sqrt(r / jnp.maximum(n, 1)) for r, n in zip(ratio_sums, sizes, strict=True)]
-        finite = jnp.all(jnp.isfinite(jnp.stack(ratio_sums))) if gs else jnp.asarray(True)
+        ratio_scale = bc2 / (1 - b2_)
         threshold = _hyper(clip_threshold)
+        mean_sq = lambda r, n: ratio_scale * r / n  # RMS_t ** 2
+        finite, clip_fraction, max_rms = jnp.asarray(True), jnp.zeros((), _F32), jnp.zeros((), _F32)
+        if gs:  # telemetry and the finiteness test over all tensors at once
+            all_rms = jnp.sqrt(mean_sq(jnp.stack(ratio_sums), jnp.stack(sizes)))
+            finite = jnp.all(jnp.isfinite(all_rms))
+            clip_fraction = jnp.mean((all_rms > threshold).astype(_F32)) * finite
+            max_rms = jnp.max(all_rms).astype(_F32)
+        # Each tensor's factor min(1, c / RMS_t) from its own scalars (exactly 1 unless clipped;
+        # 1 for a zero RMS or c = inf): a vector of all of them sliced into every tensor's update
+        # makes XLA's compile time grow quadratically with the number of tensors.
         factors = [
-            _norms.select(finite, _norms.clip_factor(r, threshold), jnp.zeros((), _F32))
-            for r in rms
-        ]
-        if gs:
-            clip_fraction = _norms.select(
-                finite, jnp.mean((jnp.stack(factors) < 1).astype(_F32)), jnp.zeros((), _F32)
+            _norms.select(
+                finite,
+                jnp.minimum(1.0, threshold * jax.lax.rsqrt(mean_sq(r, n))),
+                jnp.zeros((), _F32),
             )
-            max_rms = jnp.max(jnp.stack(rms))
-        else:
-            clip_fraction = max_rms = jnp.zeros((), _F32)
+            for r, n in zip(ratio_sums, sizes, strict=True)
+        ]
 
         out, out_mu, out_nu = [], [], []
         for i, (g, raw, m, v, decay) in enumerate(zip(gs, grads, mus, nus, decays, strict=True)):
@@ -389,7 +396,7 @@ def _clipped_from_new_moment(g, new_v, clip_on, b2, theta):
     """
     cap2 = theta * new_v / (b2 + (1 - b2) * theta)
     spike = clip_on & (g * g > cap2) & (new_v != (1 - b2) * (g * g))
-    return jnp.where(spike, jnp.sign(g) * jnp.sqrt(cap2), g)
+    return _norms.select(spike, jnp.sign(g) * jnp.sqrt(cap2), g)
 
 
 def _spam_schedule(step, reset_interval, warmup_steps, spike_delay):
@@ -519,48 +526,69 @@ def scale_by_spam(
         bc1, bc2 = _bias_correction(b1_, step), _bias_correction(b2_, step)
         reset, warm, clip_on = _spam_schedule(step, reset_interval, warmup_steps, spike_delay)
 
-        def start(raw, m, v):
-            """The gradient in float32, the moments it starts from and its spike mask."""
-            g = raw.astype(_stat_dtype(raw.dtype))
-            m0, v0 = m.astype(g.dtype), v
-            if reset_interval is not None:
-                m0, v0 = jnp.where(reset, 0, m0), jnp.where(reset, 0, v0)
-            limit = _hyper(0.0 if spike_threshold is None else spike_threshold) * v0
-            spike = clip_on & (v0 > 0) & (g * g > limit) if spike_threshold is not None else None
-            return g, m0, v0, limit, spike
+        # A reset zeroes both moments before the step: the moments' decays become 0 (scalars,
+        # not a select per entry), and the spike test waits, as it judges against zero moments.
+        theta = _hyper(0.0 if spike_threshold is None else spike_threshold)
+        if reset_interval is not None:
+            b1_m, b2_v = _norms.select(reset, 0.0, b1_), _norms.select(reset, 0.0, b2_)
+            clip_on = clip_on & ~reset
+        else:
+            b1_m, b2_v = b1_, b2_
 
-        # Before the update, one reduction per tensor: the largest magnitude (not finite, or
-        # with a square that overflows: the step is skipped) and, if clipping, the spike count.
-        peaks = jnp.stack([jnp.max(jnp.abs(x)).astype(_F32) for x in grads] or [jnp.zeros(())])
+        def start(raw, v):
+            """The gradient in float32, its square and its spike mask (None without clipping):
+            entries whose previous second moment is nonzero and below ``g**2 / theta``."""
+            g = raw.astype(_stat_dtype(raw.dtype))
+            g2 = g * g
+            if spike_threshold is None:
+                return g, g2, None
+            return g, g2, clip_on & (v > 0) & (g2 > theta * v)
+
+        # Before the update, one reduction per tensor: its sum of squares (not finite: a NaN/Inf
+        # or an overflowing square or norm, and the step is skipped) and, if asked, the spike
+        # count. A sum of squares is the cheapest reduction XLA:CPU runs (about half the time
+        # of a largest magnitude); the barrier keeps XLA from sharing its squares with the
+        # second moment's update (it would write them out as a full array).
+        sums = jnp.stack(
+            [
+                jnp.sum(jnp.square(x.astype(_stat_dtype(x.dtype))))
+                for x in jax.lax.optimization_barrier(grads)
+            ]
+            or [jnp.zeros(())]
+        )
         if axis_name is not None:
-            peaks = jax.lax.pmax(peaks, axis_name)
-        finite = jnp.all(peaks < _SQRT_MAX)
+            sums = jax.lax.psum(sums, axis_name)
+        finite = jnp.all(jnp.isfinite(sums))
         factor = finite.astype(_F32)
+        # The warm-up factor of the direction (0 if the step is skipped) as a reduction's output:
+        # XLA computes it once. As plain scalar arithmetic it would be copied into every
+        # tensor's update, a cosine each, multiplying compile time.
+        warm_each = jnp.broadcast_to(warm, sums.shape)
+        scale = jnp.min(_norms.select(jnp.isfinite(sums), warm_each, jnp.zeros_like(warm_each)))
         spike_fraction = jnp.full((), 0.0 if count_spikes else jnp.nan, _F32)
         if spike_threshold is not None and grads and count_spikes:
             counts = jnp.stack(
-                [
-                    jnp.sum(start(*leaves)[4], dtype=_F32)
-                    for leaves in zip(grads, mus, nus, strict=True)
-                ]
+                [jnp.sum(start(raw, v)[2], dtype=_F32) for raw, v in zip(grads, nus, strict=True)]
             )
             sizes = jnp.asarray([g.size for g in grads], _F32)
             if axis_name is not None:
                 counts, sizes = jax.lax.psum((counts, sizes), axis_name)
-            spike_fraction = jnp.where(
-                finite, jnp.sum(counts) / jnp.maximum(jnp.sum(sizes), 1), 0.0
+            spike_fraction = _norms.select(
+                finite, jnp.sum(counts) / jnp.maximum(jnp.sum(sizes), 1), jnp.zeros((), _F32)
             )
 
         out, out_mu, out_nu = [], [], []
         for raw, m, v, decay in zip(grads, mus, nus, decays, strict=True):
-            g, m0, v0, limit, spike = start(raw, m, v)
-            g2 = g * g if spike is None else jnp.where(spike, limit, g * g)  # clipped g, squared
-            new_v = (1 - b2_) * g2 + b2_ * v0
-            sel_v = jnp.where(finite, new_v, v)
+            g, g2, spike = start(raw, v)
             if spike is not None:
-                g = _clipped_from_new_moment(g, sel_v, clip_on, b2_, _hyper(spike_threshold))
-            sel_m = jnp.where(finite, (1 - b1_) * g + b1_ * m0, m.astype(g.dtype))
-            direction = warm * _adam_direction(sel_m, sel_v, bc1, bc2, eps_, eps_root_)
+                g2 = _norms.select(spike, theta * v, g2)  # the clipped gradient, squared
+            sel_v = _norms.select(finite, (1 - b2_) * g2 + b2_v * v, v)
+            if spike is not None:
+                g = _clipped_from_new_moment(g, sel_v, clip_on, b2_, theta)
+            sel_m = _norms.select(
+                finite, (1 - b1_) * g + b1_m * m.astype(g.dtype), m.astype(g.dtype)
+            )
+            direction = scale * _adam_direction(sel_m, sel_v, bc1, bc2, eps_, eps_root_)
             out.append(_finish(direction, decay, factor, raw.dtype))
             out_mu.append(sel_m.astype(m.dtype))
             out_nu.append(sel_v)
@@ -569,7 +597,7 @@ def scale_by_spam(
             treedef.unflatten(out_mu),
             treedef.unflatten(out_nu),
             spike_fraction,
-            warm * factor,
+            scale,
             ~finite,
         )
         return treedef.unflatten(out), new_state
