@@ -11,8 +11,9 @@ the gradient norm looks ordinary. The two optimizers here act at that point:
 
 Both keep their moments in float32 whatever the parameters' dtype (the update keeps the
 gradients' dtype), and skip non-finite steps: a step whose gradients hold a NaN/Inf, or a value
-whose square overflows float32, gives an all-zero update and leaves the moments and the step
-count as they were. With their stabilizer switched off both equal ``optax.adamw``.
+whose square overflows float32 (for SPAM: a tensor whose sum of squares does, a norm above
+about 1.8e19), gives an all-zero update and leaves the moments and the step count as they were.
+With their stabilizer switched off both equal ``optax.adamw``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from jaxstab.telemetry import telemetry_state
 _F32 = jnp.float32
 # Floor of the RMS denominator when eps = 0: a zero gradient with a zero moment gives 0, not NaN.
 _TINY = float(jnp.finfo(jnp.float32).tiny)
-# Magnitudes from here on have squares that overflow float32.
-_SQRT_MAX = float(jnp.sqrt(jnp.finfo(jnp.float32).max))
 # SPAM's warm-up starts at 1 - _WARMUP_DROP of the update (the reference code's cosine schedule).
 _WARMUP_DROP = 0.99
 
@@ -452,9 +451,10 @@ def scale_by_spam(
     20 steps of delay as in its code) except ``eps``, which is ``optax.adamw``'s. With
     ``spike_threshold=None`` and ``reset_interval=None`` this equals ``optax.scale_by_adam``
     followed by ``optax.add_decayed_weights``. A step whose gradients are not finite (or whose
-    squares overflow float32) gives zeros and leaves the moments and ``count`` unchanged. Cost:
-    Adam's passes plus one reduction over the gradients (their largest magnitude, the finiteness
-    check); ``count_spikes=True`` adds one over the gradients and the second moment.
+    sum of squares in a tensor overflows float32: a norm above about 1.8e19) gives zeros and
+    leaves the moments and ``count`` unchanged. Cost: Adam's passes plus one reduction over the
+    gradients (their sums of squares, the finiteness check); ``count_spikes=True`` adds one over
+    the gradients and the second moment.
 
     Args:
       b1: decay of the first moment, in ``[0, 1)``.

@@ -448,6 +448,23 @@ def test_non_finite_step_is_a_zero_update_that_never_happened(name, bad):
     chex.assert_trees_all_equal(state[0].mu, want_state[0].mu)
 
 
+def test_a_tensor_norm_past_float32_is_skipped_by_spam_and_handled_by_stable_adamw():
+    # Every square is finite (2.25e38) but the bias's sum of squares is not: SPAM's finiteness
+    # test (a sum of squares per tensor) skips the step; StableAdamW's ratios stay finite.
+    params = params_tree()
+    g = {**grad_steps(1)[0], "bias": jnp.full(SHAPES["bias"], 1.5e19)}
+    tx = spam(1e-3)
+    u, state = jax.jit(tx.update)(g, tx.init(params), params)
+    assert bool(state[0].skipped) and int(state[0].count) == 0
+    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, u))
+    tx = stable_adamw(1e-3)
+    u, state = jax.jit(tx.update)(g, tx.init(params), params)
+    assert not bool(state[0].skipped) and int(state[0].count) == 1
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    want, _ = optax.adamw(1e-3).update(g, optax.adamw(1e-3).init(params), params)
+    chex.assert_trees_all_close(u, want, rtol=1e-6)  # the first step: RMS 1, nothing clipped
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_low_precision_params_keep_float32_statistics(name, dtype):
