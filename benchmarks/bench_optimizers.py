@@ -3,22 +3,34 @@
 Step time on a jitted, params-donated step (10M float32 parameters in 20 leaves), timed
 round-robin in one process and reported as a ratio to ``optax.adamw``; targets 1.15x. Compile time
 at 640 leaves, a 40-layer transformer-shaped tree (d=64), as a ratio to adamw's; target 1.2x.
-``adamw + zscore_clip`` (the update norm clipped by its own z-score) is shown for reference.
+``adamw + zscore_clip`` (the update norm clipped by its own z-score) is shown for reference, and
+so is the cost of one reduction per tensor feeding a scalar into that tensor's update, the least
+any per-tensor statistic costs (``compile_times`` as in ``bench_compile``: trace, lower, XLA).
 
 Run: ``PYTHONPATH=. python benchmarks/bench_optimizers.py [--quick]``.
 """
 
 from __future__ import annotations
 
-import time
-
+import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from benchmarks import _harness
+from benchmarks import _harness, bench_compile
 from jaxstab.adaptive import zscore_clip
 from jaxstab.optimizers import spam, stable_adamw
+
+
+def per_tensor_floor() -> optax.GradientTransformation:
+    """A reference, not a stabilizer: each tensor's update scaled by a scalar from its own sum of
+    squares. Any per-tensor statistic (StableAdamW's RMS, SPAM's finiteness test) needs one
+    reduction per tensor and a scalar into its update; this row is what that alone costs."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda g: g * jax.lax.rsqrt(1 + jnp.sum(g * g)), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def variants() -> dict[str, optax.GradientTransformation]:
@@ -28,35 +40,10 @@ def variants() -> dict[str, optax.GradientTransformation]:
         "spam": spam(1e-3),
         "spam (count_spikes=True)": spam(1e-3, count_spikes=True),
         "adamw + zscore_clip (update norm)": optax.chain(optax.adamw(1e-3), zscore_clip()),
+        "adamw + a reduction per tensor (reference)": optax.chain(
+            per_tensor_floor(), optax.adamw(1e-3)
+        ),
     }
-
-
-def transformer_tree(n_layers: int = 40, d: int = 64, seed: int = 0):
-    """``(params, grads)`` shaped like a pre-LN transformer: per layer q/k/v/o kernels and
-    biases, two layer norms (scale, bias), two MLP kernels and biases: 16 leaves a layer."""
-    rng = np.random.default_rng(seed)
-    shapes = {}
-    for name in ("q", "k", "v", "o"):
-        shapes[f"{name}/kernel"], shapes[f"{name}/bias"] = (d, d), (d,)
-    for name in ("ln1", "ln2"):
-        shapes[f"{name}/scale"], shapes[f"{name}/bias"] = (d,), (d,)
-    shapes["mlp1/kernel"], shapes["mlp1/bias"] = (d, 4 * d), (4 * d,)
-    shapes["mlp2/kernel"], shapes["mlp2/bias"] = (4 * d, d), (d,)
-    params, grads = {}, {}
-    for layer in range(n_layers):
-        for name, shape in shapes.items():
-            key = f"layer_{layer:02d}/{name}"
-            params[key] = jnp.asarray(rng.standard_normal(shape, np.float32) * 0.05)
-            grads[key] = jnp.asarray(rng.standard_normal(shape, np.float32) * 0.01)
-    return params, grads
-
-
-def compile_seconds(tx: optax.GradientTransformation, params, grads) -> float:
-    step = _harness.optimizer_step(tx)
-    state = tx.init(params)
-    t0 = time.perf_counter()
-    step.lower(params, state, grads).compile()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -65,10 +52,11 @@ def main() -> None:
     params, grads = _harness.make_tree(n_leaves, total)
     times, _ = _harness.time_steps(_harness.optimizer_steps(variants()), params, grads, reps=reps)
     del params, grads
-    big_params, big_grads = transformer_tree()
-    n_big = len(big_params)
+    big_params = bench_compile.transformer_params(40)
+    n_big = len(jax.tree.leaves(big_params))
     compile_s = {
-        name: compile_seconds(tx, big_params, big_grads) for name, tx in variants().items()
+        name: sum(bench_compile.compile_times(tx, big_params)[1:])
+        for name, tx in variants().items()
     }
     base, base_c = times["adamw"], compile_s["adamw"]
     rows = [
