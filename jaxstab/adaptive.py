@@ -388,8 +388,10 @@ def adagc(
         ]
         # The share of clipped tensors from the stacked norms and thresholds (one vector
         # computation), not from the per-tensor factors: stacking those costs a fusion per tensor.
-        all_factors = tensor(jnp.stack(norms), jnp.stack(state.ema))[0] if grads else jnp.ones(0)
-        fraction = jnp.mean((all_factors < 1).astype(jnp.float32)) if grads else jnp.zeros(())
+        fraction = jnp.zeros(())
+        if grads:
+            every_factor, _ = tensor(jnp.stack(norms), jnp.stack(state.ema))
+            fraction = jnp.mean((every_factor < 1).astype(jnp.float32))
         count = jnp.where(finite, optax.safe_increment(state.count), state.count)
         new_state = AdagcState(count, ema, _stats.as_f32(norm), fraction)
         return jax.tree.unflatten(treedef, new_leaves), new_state
