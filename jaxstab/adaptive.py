@@ -370,23 +370,28 @@ def adagc(
         relative_ = _stats.as_f32(relative)
 
         def tensor(n, ema):
-            """This tensor's factor and new threshold, from its own scalars."""
-            factor = jnp.where(warm, warm_factor, _norms.clip_factor(n, relative_ * ema))
-            factor = jnp.where(finite, factor, 0.0)
+            """Factors and new thresholds from tensors' own norms and thresholds: scalars for one
+            tensor's update, or vectors of all tensors for telemetry. ``_norms.select``, not
+            ``jnp.where``: no nested jit traced per tensor."""
+            factor = _norms.select(warm, warm_factor, _norms.clip_factor(n, relative_ * ema))
+            factor = _norms.select(finite, factor, jnp.zeros_like(factor))
             clipped = n * factor
-            new = jnp.where(
+            new = _norms.select(
                 warm | jnp.isinf(ema), jnp.minimum(ema, clipped), _stats.ema(ema, clipped, decay)
             )
-            return factor, jnp.where(finite & (n > 0), new, ema).astype(jnp.float32)
+            return factor, _norms.select(finite & (n > 0), new, ema).astype(jnp.float32)
 
         factors, ema = zip(*map(tensor, norms, state.ema), strict=True) if grads else ((), ())
         factor_of = iter(factors)
         new_leaves = [
             _norms.scale_leaf(x, next(factor_of)) if _norms.is_array_leaf(x) else x for x in leaves
         ]
-        fraction = (
-            jnp.mean((jnp.stack(factors) < 1).astype(jnp.float32)) if grads else jnp.zeros(())
-        )
+        # The share of clipped tensors from the stacked norms and thresholds (one vector
+        # computation), not from the per-tensor factors: stacking those costs a fusion per tensor.
+        fraction = jnp.zeros(())
+        if grads:
+            every_factor, _ = tensor(jnp.stack(norms), jnp.stack(state.ema))
+            fraction = jnp.mean((every_factor < 1).astype(jnp.float32))
         count = jnp.where(finite, optax.safe_increment(state.count), state.count)
         new_state = AdagcState(count, ema, _stats.as_f32(norm), fraction)
         return jax.tree.unflatten(treedef, new_leaves), new_state

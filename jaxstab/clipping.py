@@ -207,24 +207,24 @@ def adaptive_grad_clip(
         # An overflowing parameter norm only means "no clipping" and an underflowing one is below
         # ``eps``: no rescue needed, half the compile time.
         p_norms = _norms.unit_norms(p_clip, axes, exact=False, dtype=dtype)
-        # Telemetry over all units at once: one reduction each, not one per leaf.
-        flat = lambda arrays: [jnp.concatenate([jnp.ravel(a) for a in arrays])] if arrays else []
-        grad_norm = _norms.global_norm(flat(g_norms) + [leaves_g[i] for i in kept_idx])
+        limit = lambda p_norm: clipping * jnp.maximum(p_norm, eps)
+        # Telemetry on all units at once, from one concatenation of the norms each: a per-leaf
+        # computation would be one more fusion per leaf, the cost of a second rescue branch.
+        every = lambda arrays: jnp.concatenate([jnp.ravel(a) for a in arrays])
+        g_units = [every(g_norms)] if g_norms else []
+        grad_norm = _norms.global_norm(g_units + [leaves_g[i] for i in kept_idx])
         finite = jnp.isfinite(grad_norm)
+        clipped = jnp.sum(g_units[0] > limit(every(p_norms))) if g_norms else 0
+        fraction = jnp.asarray(clipped, jnp.float32) / max(sum(n.size for n in g_norms), 1)
 
-        factors = {i: jnp.where(finite, 1.0, 0.0) for i in kept_idx}
-        over = []
+        factors = dict.fromkeys(kept_idx, finite.astype(jnp.float32))
         for i, g_norm, p_norm in zip(clip_idx, g_norms, p_norms, strict=True):
-            max_norm = clipping * jnp.maximum(p_norm, eps)
-            factors[i] = jnp.where(finite, _norms.clip_factor(g_norm, max_norm), 0.0)
-            over.append(g_norm > max_norm)
+            factor = _norms.clip_factor(g_norm, limit(p_norm))
+            factors[i] = _norms.select(finite, factor, jnp.zeros_like(factor))
         new_leaves = [
             _norms.scale_leaf(g, factors[i]) if i in factors else g
             for i, g in enumerate(leaves_g)
         ]
-        units = sum(n.size for n in g_norms)
-        clipped = jnp.sum(flat(over)[0]) if over else jnp.zeros((), jnp.int32)
-        fraction = clipped.astype(jnp.float32) / max(units, 1)
         state = AdaptiveGradClipState(grad_norm.astype(jnp.float32), fraction)
         return jax.tree.unflatten(treedef, new_leaves), state
 

@@ -289,11 +289,13 @@ def test_adagc_matches_numpy_reference_and_isolates_spiking_tensors():
                 updates["t2"][0] / jnp.where(n[2] > 0, n[2], 1.0),
             ]
         )
-        return state, scales
+        return state, (scales, state.clip_fraction)
 
     grads0 = {"t0": jnp.ones(1), "t1": jnp.ones((2, 2)), "t2": jnp.ones(1)}
-    _, scales = jax.lax.scan(body, tx.init(grads0), jnp.asarray(norms))
+    _, (scales, fraction) = jax.lax.scan(body, tx.init(grads0), jnp.asarray(norms))
     expected = adagc_reference(norms, 1.05, 0.98, 10, 1.5)
+    # The telemetry, computed apart from the factors applied, counts the same tensors.
+    np.testing.assert_allclose(fraction, np.mean(expected < 1, axis=1))
     nonzero = norms > 0
     np.testing.assert_allclose(np.asarray(scales)[nonzero], expected[nonzero], rtol=1e-4)
     assert scales[120, 1] < 0.05 and scales[120, 0] == 1.0 and scales[120, 2] == 1.0

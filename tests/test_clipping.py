@@ -204,6 +204,26 @@ class AdaptiveGradClipTest(chex.TestCase):
         np.testing.assert_allclose(out["Dense_0"]["kernel"][:, 0], 1.0)  # ||g|| -> ||w|| = 2
         np.testing.assert_array_equal(out["Dense_0"]["kernel"][:, 1:], 1.0)
 
+    def test_clip_fraction_over_leaves_and_layouts(self):
+        """The fraction comes from one comparison over all leaves' unit norms: each clipped
+        leaf's units count in their own layout, excluded leaves' units not at all."""
+        rng = np.random.default_rng(3)
+        shapes = {"Dense_0": {"kernel": (5, 4), "bias": (4,)}, "Conv_0": {"kernel": (3, 3, 2, 4)}}
+        shapes["head"] = {"kernel": (4, 2)}
+        draw = lambda shape: jnp.asarray(rng.lognormal(0, 1, shape) - 1.0, jnp.float32)
+        params = jax.tree.map(draw, shapes, is_leaf=lambda x: isinstance(x, tuple))
+        grads = jax.tree.map(draw, shapes, is_leaf=lambda x: isinstance(x, tuple))
+        tx = jaxstab.adaptive_grad_clip(0.5, exclude="head")
+        _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+        norm = lambda x, axes: np.sqrt(np.sum(np.asarray(x, np.float64) ** 2, axis=axes))
+        clipped = 0
+        for module, name, axes in [("Dense_0", "kernel", 0), ("Dense_0", "bias", 0),
+                                   ("Conv_0", "kernel", (0, 1, 2))]:  # fmt: skip
+            g, p = norm(grads[module][name], axes), norm(params[module][name], axes)
+            clipped += int(np.sum(g > 0.5 * np.maximum(p, 1e-3)))
+        assert 0 < clipped < 9
+        np.testing.assert_allclose(state.clip_fraction, clipped / 9)
+
     def test_non_finite_step_gives_zeros(self):
         params = {"a": jnp.ones((3, 2)), "head": jnp.ones((2,))}
         grads = {"a": jnp.ones((3, 2)).at[0, 0].set(jnp.nan), "head": jnp.ones((2,))}
