@@ -393,7 +393,7 @@ def _clipped_from_new_moment(g, new_v, clip_on, b2, theta):
     whose moment is subnormal (a gradient under about 1e-19, far below ``eps``) gets its clipped
     value to within about 20%.
     """
-    cap2 = theta * new_v / (b2 + (1 - b2) * theta)
+    cap2 = (theta / (b2 + (1 - b2) * theta)) * new_v  # one scalar: no division per entry
     spike = clip_on & (g * g > cap2) & (new_v != (1 - b2) * (g * g))
     return _norms.select(spike, jnp.sign(g) * jnp.sqrt(cap2), g)
 
