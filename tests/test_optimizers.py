@@ -338,6 +338,18 @@ def test_spam_does_not_freeze_entries_that_had_no_gradient_yet():
     assert float(u["w"][1]) < -1e-3 and float(state[0].nu["w"][1]) > 0
 
 
+def test_spam_warmup_cosine_is_computed_once_whatever_the_number_of_tensors():
+    # As plain scalar arithmetic XLA copies the warm-up's cosine into every tensor's update
+    # kernel, which multiplied compile time on many-leaf trees.
+    def cosines(n_tensors):
+        params = {f"w{i}": jnp.ones((4, 3)) for i in range(n_tensors)}
+        tx = spam(1e-3)
+        step = jax.jit(tx.update).lower(params, tx.init(params), params)
+        return step.compile().as_text().count(" cosine(")
+
+    assert cosines(2) == cosines(8) >= 1
+
+
 def test_spam_reset_zeroes_moments_and_restarts_warmup():
     tx = scale_by_spam(reset_interval=5, warmup_steps=3, spike_threshold=None)
     state = tx.init({"w": jnp.zeros(2)})
