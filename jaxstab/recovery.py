@@ -165,8 +165,10 @@ def spike_recovery(
     snapshots keep the sharding of the parameters under sharded ``jit``, and the state is a
     ``NamedTuple`` of arrays that checkpoints (orbax, ``flax.serialization``) with its snapshots.
     Cost: on an ordinary step a few scalar operations (both branches of each ``lax.cond`` leave the
-    buffers in place); a snapshot step copies params and optimizer state once; a rollback step
-    copies them back.
+    buffers in place): 1.04x an Adam step on a CPU, but about 0.45 ms a step on a GPU, where each
+    small operation is a kernel launch and each ``lax.cond`` waits for its predicate on the host
+    (1.7x Adam's step at 10M parameters on an H200); a snapshot step copies params and optimizer
+    state once; a rollback step copies them back.
 
     Args:
       every: healthy steps between snapshots; ``>= 1``.
