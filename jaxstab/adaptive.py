@@ -4,9 +4,10 @@
 - :func:`quantile_clip` (AutoClip): clip to a running quantile of past norms.
 - :func:`adagc` (AdaGC): per-tensor thresholds from an EMA of each tensor's clipped norm.
 
-The statistics live in :mod:`jaxstab._stats`: float32, inside the graph (no host sync, whole runs
-under ``lax.scan``), and immune to non-finite steps, which give a zero update and leave every
-statistic untouched, and to zero-gradient steps, which never drive a threshold to zero.
+The statistics live in :mod:`jaxstab._stats`: float32, inside the graph (nothing returns to
+Python, whole runs under ``lax.scan``), and immune to non-finite steps, which give a zero update
+and leave every statistic untouched, and to zero-gradient steps, which never drive a threshold to
+zero.
 """
 
 from __future__ import annotations
