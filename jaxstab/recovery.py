@@ -161,9 +161,10 @@ def spike_recovery(
     -- called from the host, e.g. at each log step -- raises :class:`SpikeRecoveryError` with the
     step, loss and statistics.
 
-    Everything is in the graph (no host sync): a whole run works under ``jit`` and ``lax.scan``,
-    snapshots keep the sharding of the parameters under sharded ``jit``, and the state is a
-    ``NamedTuple`` of arrays that checkpoints (orbax, ``flax.serialization``) with its snapshots.
+    Everything is in the graph (nothing returns to Python): a whole run works under ``jit`` and
+    ``lax.scan``, snapshots keep the sharding of the parameters under sharded ``jit``, and the
+    state is a ``NamedTuple`` of arrays that checkpoints (orbax, ``flax.serialization``) with its
+    snapshots.
     Cost: on an ordinary step a few scalar operations (both branches of each ``lax.cond`` leave the
     buffers in place): 1.04x an Adam step on a CPU, but about 0.45 ms a step on a GPU, where each
     small operation is a kernel launch and each ``lax.cond`` waits for its predicate on the host
