@@ -73,6 +73,15 @@ def _magnitude(x: jax.Array, dtype) -> jax.Array:
     return (jnp.abs(x) if jnp.iscomplexobj(x) else x).astype(dtype)
 
 
+def abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|**2`` per entry: ``x * x`` for real ``x``; for complex ``x`` its squared modulus
+    ``re**2 + im**2`` in the real dtype (what a second moment of complex gradients holds, as in
+    ``optax.scale_by_adam``)."""
+    if jnp.iscomplexobj(x):
+        return x.real * x.real + x.imag * x.imag
+    return x * x
+
+
 def sumsq(x: jax.Array, axis=None, keepdims: bool = False, scale=None, dtype=jnp.float32):
     """Sum of squared magnitudes of ``x`` (times ``scale``, if given) accumulated in ``dtype``."""
     x = _magnitude(x, dtype)

@@ -13,7 +13,9 @@ Both keep their moments in float32 whatever the parameters' dtype (the update ke
 gradients' dtype), and skip non-finite steps: a step whose gradients hold a NaN/Inf, or a value
 whose square overflows float32 (for SPAM: a tensor whose sum of squares does, a norm above
 about 1.8e19), gives an all-zero update and leaves the moments and the step count as they were.
-With their stabilizer switched off both equal ``optax.adamw``.
+With their stabilizer switched off both equal ``optax.adamw``, complex parameters included (as
+there, a complex first moment and a real second moment of ``|g|**2``; StableAdamW's RMS and
+SPAM's spike test take the modulus, and a clipped spike keeps its phase).
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def _stat_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, _F32)
 
 
+def _real(dtype) -> jnp.dtype:
+    """The real dtype of a complex ``dtype`` (complex64: float32); others unchanged."""
+    return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+
+
 def _check_adam(b1, b2, eps, eps_root, weight_decay):
     _checks.check_range("b1", b1, low=0, high=1, high_open=True)
     _checks.check_range("b2", b2, low=0, high=1, high_open=True)
@@ -60,9 +67,10 @@ def _check_adam(b1, b2, eps, eps_root, weight_decay):
 
 
 def _init_moments(params, mu_dtype):
-    """Zero first and second moments: float32 at least, the first in ``mu_dtype`` if given."""
+    """Zero first and second moments: float32 at least, the first in ``mu_dtype`` if given; the
+    second is real (``|g|**2``) for complex parameters."""
     mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or _stat_dtype(p.dtype)), params)
-    nu = jax.tree.map(lambda p: jnp.zeros(p.shape, _stat_dtype(p.dtype)), params)
+    nu = jax.tree.map(lambda p: jnp.zeros(p.shape, _stat_dtype(_real(p.dtype))), params)
     return mu, nu
 
 
@@ -234,7 +242,7 @@ def scale_by_stable_adam(
         step = optax.safe_increment(state.count)
         bc1, bc2 = _bias_correction(b1_, step), _bias_correction(b2_, step)
         gs = [g.astype(_stat_dtype(g.dtype)) for g in grads]
-        new_nu = lambda g, v: (1 - b2_) * (g * g) + b2_ * v
+        new_nu = lambda g, v: (1 - b2_) * _norms.abs_sq(g) + b2_ * v
         # g^2 / max(nu_hat, eps^2) = bc2 / (1 - b2) * g^2 / max(g^2 + k nu, floor) with
         # k = b2 / (1 - b2): five elementwise operations per entry in the reduction, whose cost
         # on XLA:CPU grows with each. A floor that is not a compile-time constant keeps XLA:CPU
@@ -244,7 +252,7 @@ def scale_by_stable_adam(
         # The barrier keeps XLA from sharing g*g between this reduction and the moment update
         # (it would write it out as a full array): each pass computes its own.
         ratio_sums = [
-            jnp.sum(g * g / jnp.maximum(g * g + k * v, floor)).astype(_F32)
+            jnp.sum(_norms.abs_sq(g) / jnp.maximum(_norms.abs_sq(g) + k * v, floor)).astype(_F32)
             for g, v in zip(*jax.lax.optimization_barrier((gs, nus)), strict=True)
         ]
         sizes = [float(max(g.size, 1)) for g in gs]
@@ -394,7 +402,8 @@ def _clipped_from_new_moment(g, new_v, clip_on, b2, theta):
     value to within about 20%.
     """
     cap2 = (theta / (b2 + (1 - b2) * theta)) * new_v  # one scalar: no division per entry
-    spike = clip_on & (g * g > cap2) & (new_v != (1 - b2) * (g * g))
+    g2 = _norms.abs_sq(g)
+    spike = clip_on & (g2 > cap2) & (new_v != (1 - b2) * g2)
     return _norms.select(spike, jnp.sign(g) * jnp.sqrt(cap2), g)
 
 
@@ -539,7 +548,7 @@ def scale_by_spam(
             """The gradient in float32, its square and its spike mask (None without clipping):
             entries whose previous second moment is nonzero and below ``g**2 / theta``."""
             g = raw.astype(_stat_dtype(raw.dtype))
-            g2 = g * g
+            g2 = _norms.abs_sq(g)
             if spike_threshold is None:
                 return g, g2, None
             return g, g2, clip_on & (v > 0) & (g2 > theta * v)
@@ -551,7 +560,7 @@ def scale_by_spam(
         # second moment's update (it would write them out as a full array).
         sums = jnp.stack(
             [
-                jnp.sum(jnp.square(x.astype(_stat_dtype(x.dtype))))
+                jnp.sum(_norms.abs_sq(x.astype(_stat_dtype(x.dtype))))
                 for x in jax.lax.optimization_barrier(grads)
             ]
             or [jnp.zeros(())]

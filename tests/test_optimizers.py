@@ -42,6 +42,11 @@ def grad_steps(n, seed=0, spikes=(), dtype=jnp.float32):
     return [{k: jnp.asarray(v, dtype) for k, v in g.items()} for g in steps]
 
 
+def as_complex(real, imag):
+    """complex64 trees ``real + 1j * imag`` (one tree or a list of them, leaf by leaf)."""
+    return jax.tree.map(lambda a, b: (a + 1j * b).astype(jnp.complex64), real, imag)
+
+
 def run(tx, params, steps, update=None):
     """Applies ``tx`` over ``steps``: (updates per step, final params, final state)."""
     update = update or tx.update
@@ -62,20 +67,26 @@ def _stacked(trees):
 # NumPy references, float64, written from the papers' algorithms
 
 
+def _reference_moments(params):
+    """float64 (complex128 for complex) params, zero first moments, real zero second moments."""
+    p = {k: np.asarray(x, np.result_type(np.asarray(x), np.float64)) for k, x in params.items()}
+    m = {k: np.zeros_like(x) for k, x in p.items()}
+    return p, m, {k: np.zeros(x.shape) for k, x in p.items()}
+
+
 def stable_adamw_reference(params, steps, *, lr, b1, b2, eps, weight_decay, clip_threshold):
-    """StableAdamW (Wortsman et al. 2023, Algorithm 2): updates and per-step max RMS."""
-    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    m = {k: np.zeros_like(v) for k, v in p.items()}
-    v = {k: np.zeros_like(x) for k, x in p.items()}
+    """StableAdamW (Wortsman et al. 2023, Algorithm 2): updates and per-step max RMS. Complex
+    parameters as optax.adamw takes them: the second moment holds ``|g|**2``."""
+    p, m, v = _reference_moments(params)
     updates, max_rms = [], []
     for t, g in enumerate(steps, 1):
         u, rms_t = {}, []
         for k in p:
-            gk = np.asarray(g[k], np.float64)
+            gk = np.asarray(g[k], p[k].dtype)
             m[k] = b1 * m[k] + (1 - b1) * gk
-            v[k] = b2 * v[k] + (1 - b2) * gk**2
+            v[k] = b2 * v[k] + (1 - b2) * np.abs(gk) ** 2
             m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
-            rms = math.sqrt(np.mean(gk**2 / np.maximum(v_hat, eps**2)))
+            rms = math.sqrt(np.mean(np.abs(gk) ** 2 / np.maximum(v_hat, eps**2)))
             eta = lr / max(1.0, rms / clip_threshold)
             u[k] = -eta * (m_hat / (np.sqrt(v_hat) + eps) + weight_decay * p[k])
             p[k] = p[k] + u[k]
@@ -96,26 +107,24 @@ def spam_reference(
             return 0.0
         return 0.99 * (1 + math.cos(math.pi * step / (n_warmup + 1))) / 2
 
-    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    m = {k: np.zeros_like(v) for k, v in p.items()}
-    v = {k: np.zeros_like(x) for k, x in p.items()}
+    p, m, v = _reference_moments(params)
     current_step = n_warmup + 1
     updates, fractions, scales = [], [], []
     for total_step, g in enumerate(steps):
         scale = 1 - death_rate(current_step)
         u, clipped, size = {}, 0, 0
         for k in p:
-            gk = np.asarray(g[k], np.float64).copy()
+            gk = np.asarray(g[k], p[k].dtype).copy()
             if (total_step + 1) % delta_t == 0:
                 m[k], v[k] = np.zeros_like(m[k]), np.zeros_like(v[k])
             n = total_step + 1
             if n >= delay and n % delta_t >= delay:
-                mask = (v[k] > 0) & (gk**2 > theta * v[k])
-                gk[mask] = np.sign(gk[mask]) * np.sqrt(theta * v[k][mask])
+                mask = (v[k] > 0) & (np.abs(gk) ** 2 > theta * v[k])
+                gk[mask] = np.sign(gk[mask]) * np.sqrt(theta * v[k][mask])  # z / |z| if complex
                 clipped += int(mask.sum())
             size += gk.size
             m[k] = b1 * m[k] + (1 - b1) * gk
-            v[k] = b2 * v[k] + (1 - b2) * gk**2
+            v[k] = b2 * v[k] + (1 - b2) * np.abs(gk) ** 2
             m_hat, v_hat = m[k] / (1 - b1**n), v[k] / (1 - b2**n)
             u[k] = -lr * (scale * m_hat / (np.sqrt(v_hat) + eps) + weight_decay * p[k])
             p[k] = p[k] + u[k]
@@ -171,6 +180,22 @@ class ParityTest(chex.TestCase):
         got, _, _ = run(tx, params, steps, self.variant(tx.update))
         chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-9)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_complex_params_match_adamw(self):
+        """As optax.adamw: a complex first moment, a real second moment of ``|g|**2``."""
+        params = as_complex(params_tree(), params_tree(5))
+        steps = as_complex(grad_steps(8), grad_steps(8, seed=5))
+        kwargs = {"learning_rate": 1e-2, "weight_decay": 0.1}
+        want, _, _ = run(optax.adamw(**kwargs), params, steps)
+        for tx in (
+            stable_adamw(**kwargs, clip_threshold=jnp.inf),
+            spam(**kwargs, spike_threshold=None, reset_interval=None),
+        ):
+            got, _, state = run(tx, params, steps, self.variant(tx.update))
+            chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-8)
+            assert all(x.dtype == jnp.complex64 for x in jax.tree.leaves(state[0].mu))
+            assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].nu))
+
     def test_adamw_positional_order_is_kept(self):
         args = (
             1e-2,
@@ -196,11 +221,14 @@ class ParityTest(chex.TestCase):
 # StableAdamW
 
 
+@pytest.mark.parametrize("complex_params", [False, True])
 @pytest.mark.parametrize(("b2", "clip_threshold"), [(0.999, 1.0), (0.95, 1.0), (0.99, 2.0)])
-def test_stable_adamw_matches_numpy_reference(b2, clip_threshold):
+def test_stable_adamw_matches_numpy_reference(b2, clip_threshold, complex_params):
     hyper = {"lr": 1e-2, "b1": 0.9, "b2": b2, "eps": 1e-8, "weight_decay": 0.1}
     spikes = [(5, "kernel", 20.0), (6, "bias", 50.0), (15, "scale", 1e3), (20, "kernel", 5.0)]
     params, steps = params_tree(1), grad_steps(30, seed=1, spikes=spikes)
+    if complex_params:  # the RMS and the second moment take |g|
+        params, steps = as_complex(params, params_tree(11)), as_complex(steps, grad_steps(30, 11))
     want, want_rms = stable_adamw_reference(params, steps, clip_threshold=clip_threshold, **hyper)
     tx = stable_adamw(1e-2, b2=b2, weight_decay=0.1, clip_threshold=clip_threshold)
     update = jax.jit(tx.update)
@@ -278,8 +306,9 @@ def test_stable_adam_zero_gradients_are_not_a_skipped_step_even_with_eps_zero():
 # SPAM
 
 
+@pytest.mark.parametrize("complex_params", [False, True])
 @pytest.mark.parametrize(("delta_t", "n_warmup", "delay"), [(10, 4, 3), (7, 0, 1), (12, 6, 5)])
-def test_spam_matches_reference_code_over_resets(delta_t, n_warmup, delay):
+def test_spam_matches_reference_code_over_resets(delta_t, n_warmup, delay, complex_params):
     hyper = {"lr": 1e-2, "b1": 0.9, "b2": 0.9, "eps": 1e-8, "weight_decay": 0.1}
     spikes = [
         (4, "kernel", 100.0),
@@ -289,6 +318,8 @@ def test_spam_matches_reference_code_over_resets(delta_t, n_warmup, delay):
         (delta_t + 1, "bias", 200.0),
     ]
     params, steps = params_tree(2), grad_steps(40, seed=2, spikes=spikes)
+    if complex_params:  # spikes judged and clipped by |g|, keeping the phase
+        params, steps = as_complex(params, params_tree(12)), as_complex(steps, grad_steps(40, 12))
     want, fractions, scales = spam_reference(
         params, steps, theta=50.0, delta_t=delta_t, n_warmup=n_warmup, delay=delay, **hyper
     )
@@ -325,6 +356,17 @@ def test_spam_clips_a_spike_to_sqrt_theta_v_keeping_its_sign():
     np.testing.assert_allclose(state.nu["w"], [1.25, 0.75], rtol=1e-6)
     np.testing.assert_allclose(state.mu["w"], [-math.sqrt(2.0), 1.0], rtol=1e-6)
     assert float(state.spike_fraction) == 0.5
+
+
+def test_spam_clips_a_complex_spike_to_sqrt_theta_v_keeping_its_phase():
+    tx = scale_by_spam(b1=0.0, b2=0.5, spike_threshold=4.0, reset_interval=None, spike_delay=1)
+    state = tx.init({"w": jnp.zeros(2, jnp.complex64)})
+    _, state = tx.update({"w": jnp.array([1j, 1.0], jnp.complex64)}, state)  # v = 0.5
+    _, state = tx.update({"w": jnp.array([-60 + 80j, 1j], jnp.complex64)}, state)
+    # |-60+80j| = 100, clipped to sqrt(2) with its phase (-0.6+0.8j); v = 0.25 + 0.5 * 2
+    assert state.nu["w"].dtype == jnp.float32
+    np.testing.assert_allclose(state.nu["w"], [1.25, 0.75], rtol=1e-6)
+    np.testing.assert_allclose(state.mu["w"], [(-0.6 + 0.8j) * math.sqrt(2.0), 1j], rtol=1e-6)
 
 
 def test_spam_does_not_freeze_entries_that_had_no_gradient_yet():
