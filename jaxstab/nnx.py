@@ -194,7 +194,12 @@ class BatchNorm(nnx.Module):
         return y
 
     def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view``: sets ``use_running_average`` when given."""
+        """Used by ``nnx.view`` (and described by ``nnx.view_info``).
+
+        Args:
+          use_running_average: if given, whether to normalize with the running statistics
+            (offline) instead of this batch's (online).
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 

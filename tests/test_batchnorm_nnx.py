@@ -196,6 +196,14 @@ def test_view_sets_use_running_average():
     assert trained.use_running_average is False and model.use_running_average is True
 
 
+@pytest.mark.skipif(not hasattr(nnx, "view_info"), reason="flax 0.11 has no nnx.view_info")
+def test_view_info_describes_set_view():
+    """``nnx.view_info`` reads the arguments from ``set_view``'s docstring (a KeyError without)."""
+    model = jaxstab.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    info = nnx.view_info(model)
+    assert "BatchNorm:" in info and "use_running_average" in info and "running statistics" in info
+
+
 def test_no_scale_no_bias_and_tuple_features():
     model = jaxstab.nnx.BatchNorm(
         (3, 2), axis=(1, -1), use_scale=False, use_bias=False, rngs=nnx.Rngs(0)
