@@ -1,16 +1,27 @@
-"""Shared fixtures: an 8-device mesh and jitted, sharded runs on it; float64 across jax versions.
+"""Shared fixtures: an 8-device mesh and jitted, sharded runs on it; float64 across jax versions;
+hypothesis's profile (derandomized unless ``HYPOTHESIS_PROFILE=explore``).
 
 `make test` runs the tests marked ``multidevice`` in their own process with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; without it they skip.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
+from hypothesis import settings
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxstab
+
+# The same hypothesis examples on every run (a clean clone has no example database): a CI
+# failure reproduces and a commit that passed keeps passing. HYPOTHESIS_PROFILE=explore draws
+# fresh examples each run, to hunt for new edge cases.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 N_DEVICES = 8
 AXIS = "data"

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import jaxstab
@@ -143,13 +143,17 @@ def clip_with(grads, max_norm):
     hnp.arrays(np.float32, 12, elements=st.floats(-1e4, 1e4, width=32)),
     st.floats(1e-3, 1e3),
 )
+@example(np.full(12, 1e-45, np.float32), 1.0)  # subnormal: flushed to zero, found by CI
 def test_clip_properties(g, max_norm):
     grads = {"g": jnp.asarray(g)}
     out = clip_with(grads, max_norm)
     norm_in, norm_out = tree_norm(grads), tree_norm(out)
     assert norm_out <= max_norm * (1 + 1e-6) + 1e-30
-    if norm_in <= max_norm:
-        np.testing.assert_array_equal(out["g"], g)  # no-op below the threshold
+    if norm_in <= max_norm:  # a no-op below the threshold, but for subnormal entries, which
+        # XLA's arithmetic may flush to zero (seen on XLA:CPU with jax 0.6.2 and 0.10.2)
+        got, normal = np.asarray(out["g"]), np.abs(g) >= np.finfo(np.float32).tiny
+        np.testing.assert_array_equal(got[normal], g[normal])
+        assert np.all((got[~normal] == 0) | (got[~normal] == g[~normal]))
     else:
         # direction preserved: out is a positive multiple of g
         ratio = norm_out / norm_in
