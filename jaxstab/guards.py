@@ -10,64 +10,15 @@
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-try:
-    from jax.extend.core import Literal, Var
-except ImportError:  # older jax
-    from jax.core import Literal, Var
-
-from jaxstab import _checks, _norms, _stats
+from jaxstab import _checks, _inplace, _norms, _stats
 from jaxstab._norms import AxisName
 from jaxstab.telemetry import telemetry_state
-
-# --------------------------------------------------------------------------------------------
-# Skipping a step in place
-#
-# The obvious skip, ``new_state = where(skip, old_state, inner_state)`` leaf by leaf, makes XLA
-# copy every donated state buffer each step: XLA duplicates the cheap elementwise moment update
-# (``b1 * mu + (1 - b1) * g``) into both of its consumers, the select that writes ``mu`` in place
-# and the parameter update, which then reads the *old* ``mu`` -- so ``mu`` is read after being
-# overwritten unless it is first copied away (3-4x the cost of Adam on CPU). The fix is to let
-# every later computation read the *selected* value, as plain Adam's update reads the new moments:
-# the inner update is traced once, then re-evaluated with each new-state value replaced, right
-# where it is computed, by ``select(skip, old, new)``. Values are unchanged on accepted steps
-# (``select(False, old, new)`` is ``new`` bit for bit) and only the zeroed update sees the
-# difference on skipped ones; XLA then writes each selected moment in place once and the
-# parameter update reads it, as in plain Adam.
-#
-# Rules of the re-evaluation (the fast path):
-# - A value is replaced where it is computed: by a top-level equation, or inside a nested
-#   ``jax.jit`` call when that call can be inlined without loss (its parameters are those of a
-#   plain ``jax.jit``: no shardings, layouts, donation or compiler options) and the inner value is
-#   computed inside it and returned exactly once. Any other new-state leaf (a constant, an input
-#   passed through, one value returned into several leaves, the output of a ``cond``/``scan``/
-#   sharded ``jit``) is selected right after the equation that returns it, so it keeps what that
-#   equation says about its sharding.
-# - A jaxpr with side effects (callbacks, debug prints) is not re-evaluated, nor one whose
-#   tracing or re-evaluation raises, nor one whose re-evaluated outputs differ in type from the
-#   trace: those run the plain inner update (which raises a user's own error) and select every
-#   new state leaf after it. The re-evaluation uses JAX's jaxpr interpreter API (``Literal``,
-#   ``Var``, ``Primitive.get_bind_params``, ``JaxprEqn.ctx``); should a JAX release change it, the
-#   guard stays correct on the plain path and tests/test_guards_catalogue.py reports the optimizers
-#   that left the fast path.
-
-
-def _select(skip: jax.Array, old, new) -> jax.Array:
-    """``old`` if ``skip`` else ``new``, bit for bit, in ``new``'s type: one scalar-predicate
-    select, which XLA fuses into the computation of ``new``."""
-    new = jnp.asarray(new)
-    old = jnp.asarray(old)
-    if old.dtype != new.dtype:
-        old = old.astype(new.dtype)
-    return jax.lax.select(skip, jnp.broadcast_to(old, new.shape), new)
 
 
 def _zero_if(skip: jax.Array, tree):
@@ -82,122 +33,23 @@ def _zero_if(skip: jax.Array, tree):
     return jax.tree.map(zero, tree)
 
 
-_PLAIN_JIT = jax.jit(lambda x: x)  # traced at each update: the parameters of a plain ``jax.jit``
-
-
-def _inlinable(eqn, plain_jit) -> bool:
-    """Whether the call ``eqn`` is a ``jax.jit`` that inlining loses nothing from: its parameters
-    equal those of ``plain_jit`` (a plain one-argument ``jax.jit`` traced here, whose one-element
-    tuples are per-argument settings), except its body, name and tracing options."""
-    if eqn.primitive is not plain_jit.primitive:
-        return False
-    free = {"jaxpr", "name", "inline", "keep_unused"}
-    for key, value in eqn.params.items():
-        if key in free:
-            continue
-        if key not in plain_jit.params:
-            return False
-        plain = plain_jit.params[key]
-        if isinstance(plain, tuple) and len(plain) == 1:  # per-argument: all must be plain
-            if not all(v == plain[0] for v in value):
-                return False
-        elif value != plain:
-            return False
-    return True
-
-
-def _eval_selecting(jaxpr, consts, args, replace: dict, skip, plain_jit) -> list:
-    """Evaluates ``jaxpr`` like ``jax.core.eval_jaxpr``; each variable ``v`` in ``replace`` is
-    bound to ``select(skip, replace[v], value)`` as soon as it is computed, inside nested ``jit``
-    calls where they are :func:`_inlinable` and ``v`` is computed inside and returned once."""
-    env: dict = {}
-    read = lambda v: v.val if isinstance(v, Literal) else env[v]
-    env.update(zip(jaxpr.constvars, consts, strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        pushed: dict = {}  # inner variable -> old value, for a call evaluated inline
-        done: set = set()  # outer variables whose select happens inside that call
-        if any(v in replace for v in eqn.outvars) and _inlinable(eqn, plain_jit):
-            body = eqn.params["jaxpr"]
-            produced = {v for e in body.jaxpr.eqns for v in e.outvars}
-            returned = collections.Counter(v for v in body.jaxpr.outvars if isinstance(v, Var))
-            for outer, v in zip(eqn.outvars, body.jaxpr.outvars, strict=True):
-                if outer in replace and isinstance(v, Var) and v in produced and returned[v] == 1:
-                    pushed[v] = replace[outer]
-                    done.add(outer)
-        if pushed:
-            outs = _eval_selecting(body.jaxpr, body.consts, invals, pushed, skip, plain_jit)
-        else:
-            params = eqn.primitive.get_bind_params(eqn.params)
-            subfuns, params = params if isinstance(params, tuple) else ((), params)  # older jax
-            with getattr(getattr(eqn, "ctx", None), "manager", contextlib.nullcontext()):
-                outs = eqn.primitive.bind(*subfuns, *invals, **params)
-            outs = outs if eqn.primitive.multiple_results else [outs]
-        for v, x in zip(eqn.outvars, outs, strict=True):
-            env[v] = _select(skip, replace[v], x) if v in replace and v not in done else x
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _same_type(x, aval) -> bool:
-    got = jax.typeof(x)
-    return (got.shape, got.dtype, got.weak_type) == (aval.shape, aval.dtype, aval.weak_type)
-
-
-def _select_in_place(closed, n_updates: int, skip, updates, state) -> list | None:
-    """The fast path: ``closed`` (the traced inner update, ``n_updates`` update leaves first)
-    re-evaluated with each new-state leaf selected where it is computed (see above). Returns the
-    flat outputs, or None where the rules above send the step to the plain path."""
-    jaxpr, olds = closed.jaxpr, jax.tree.leaves(state)
-    state_vars = jaxpr.outvars[n_updates:]
-    if closed.effects or len(state_vars) != len(olds):
-        return None
-    produced = {v for e in jaxpr.eqns for v in e.outvars}
-    owner: dict = {}  # new-state variable -> index of the state leaf whose old value replaces it
-    for i, v in enumerate(state_vars):
-        if isinstance(v, Var) and v in produced:
-            owner.setdefault(v, i)
-    replace = {v: olds[i] for v, i in owner.items()}
-    plain_jit = jax.make_jaxpr(_PLAIN_JIT)(jnp.float32(0)).eqns[0]
-    args = jax.tree.leaves((updates, state))
-    try:
-        outs = _eval_selecting(jaxpr, closed.consts, args, replace, skip, plain_jit)
-    except Exception:  # any failure of the re-evaluation takes the plain path
-        return None
-    typed = zip(outs, jaxpr.outvars, closed.out_avals, strict=True)
-    if not all(_same_type(x, aval) for x, v, aval in typed if isinstance(v, Var)):
-        return None
-    return outs[:n_updates] + [
-        x if isinstance(v, Var) and owner.get(v) == i else _select(skip, olds[i], x)
-        for i, (v, x) in enumerate(zip(state_vars, outs[n_updates:], strict=True))
-    ]
-
-
 def _update_or_keep(inner, skip, updates, state, params, extra_args):
-    """``inner.update(...)``, with the new state ``select(skip, state, new_state)`` leaf by leaf
-    and, on the fast path, the updates computed from that selected state (see above); the updates
-    still need zeroing."""
-    update = lambda u, s: inner.update(u, s, params, **extra_args)
-    try:
-        closed, shapes = jax.make_jaxpr(update, return_shape=True)(updates, state)
-    except Exception:  # e.g. Python control flow on values, outside jit: the plain path
-        outs = None
-    else:
-        n_updates = len(jax.tree.leaves(shapes[0]))
-        outs = _select_in_place(closed, n_updates, skip, updates, state)
-    if outs is None:
-        new_updates, new_state = update(updates, state)
-        olds, news = jax.tree.leaves(state), jax.tree.leaves(new_state)
-        if len(olds) != len(news):
+    """``inner.update(...)``, with the new state ``select(skip, state, new_state)`` leaf by leaf,
+    selected where the inner update computes it (see :mod:`jaxstab._inplace`), so that the
+    updates are computed from the selected state; the updates still need zeroing."""
+    olds = jax.tree.leaves(state)
+
+    def keep(shapes):
+        new_updates, new_state = shapes
+        if len(jax.tree.leaves(new_state)) != len(olds):
             raise ValueError(
                 "skip_anomalies: the inner update returned a state of structure "
                 f"{jax.tree.structure(new_state)} for one of structure {jax.tree.structure(state)}"
             )
-        return new_updates, jax.tree.unflatten(
-            jax.tree.structure(new_state), list(map(functools.partial(_select, skip), olds, news))
-        )
-    treedef = jax.tree.structure(shapes)
-    return jax.tree.unflatten(treedef, outs)
+        return [None] * len(jax.tree.leaves(new_updates)) + olds
+
+    update = lambda u, s: inner.update(u, s, params, **extra_args)
+    return _inplace.call_keeping(update, (updates, state), keep, _inplace.Verdict(skip))
 
 
 @telemetry_state("skip_anomalies", ("skipped", "skipped_total", "grad_norm", "threshold"))

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxstab
-from jaxstab import guards
+from jaxstab import _inplace
 from jaxstab.adaptive import zscore_clip
 from jaxstab.guards import DynamicLossScale, all_finite, dynamic_loss_scale, skip_anomalies
 
@@ -415,16 +415,16 @@ def test_python_control_flow_on_values_works_outside_jit():
 
 @pytest.mark.parametrize("failure", ["raises", "returns another type"])
 def test_the_plain_path_takes_over_when_the_re_evaluation_fails(failure, monkeypatch):
-    def failing(jaxpr, *args):
+    def failing(jaxpr, *args, **kwargs):
         if failure == "raises":
             raise RuntimeError("cannot re-evaluate")
         return [x.astype(jnp.float16) if jnp.issubdtype(x.dtype, jnp.floating) else x
-                for x in eval_selecting(jaxpr, *args)]  # fmt: skip
+                for x in eval_selecting(jaxpr, *args, **kwargs)]  # fmt: skip
 
     norms = [1.0, 1.2, np.nan, 0.9, 1e6, 1.1]
     want = train(skip_anomalies(optax.adam(1e-2), warmup_steps=2, max_norm=1e5), norms)
-    eval_selecting = guards._eval_selecting
-    monkeypatch.setattr(guards, "_eval_selecting", failing)
+    eval_selecting = _inplace.eval_selecting
+    monkeypatch.setattr(_inplace, "eval_selecting", failing)
     got = train(skip_anomalies(optax.adam(1e-2), warmup_steps=2, max_norm=1e5), norms)
     chex.assert_trees_all_close(got[:3], want[:3], rtol=1e-6)
     assert got[2].tolist() == [False, False, True, False, True, False]

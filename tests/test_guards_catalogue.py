@@ -21,7 +21,7 @@ import optax.contrib
 import pytest
 from jax.experimental import io_callback
 
-from jaxstab import guards
+from jaxstab import _inplace
 from jaxstab.guards import skip_anomalies
 
 # optax.noisy_sgd's default key and optax.optimistic_adam are deprecated
@@ -339,8 +339,8 @@ def test_which_optimizers_take_the_fast_path(name, monkeypatch):
         taken.append(outs is not None)
         return outs
 
-    select_in_place = guards._select_in_place
-    monkeypatch.setattr(guards, "_select_in_place", recording)
+    select_in_place = _inplace._select_in_place
+    monkeypatch.setattr(_inplace, "_select_in_place", recording)
     tx = skip_anomalies(CATALOGUE[name]())
     params = _initial_params(name)
     extra = _extra_args(name, PARAMS, PARAMS)
