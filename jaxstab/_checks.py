@@ -44,6 +44,15 @@ def check_range(name: str, value, *, low=None, high=None, low_open=False, high_o
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
+def check_int(name: str, value, *, low=None) -> None:
+    """Raises ``TypeError`` unless ``value`` is a Python or NumPy integer (not a bool), and
+    ``ValueError`` if it is below ``low``: for counts that set shapes or step numbers."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
 def check_same_structure(name_a: str, a, name_b: str, b) -> None:
     """Raises ``ValueError`` showing both structures when two trees differ."""
     sa, sb = jax.tree.structure(a), jax.tree.structure(b)

@@ -10,6 +10,8 @@ step can never poison the statistics, and zero steps never drive them to zero.
   samples give the exact mean and population variance (Welford's recurrence, no buffer); after
   that both follow exponential moving averages (ZClip's statistics). :func:`z_limit` turns them
   into a threshold. Used by ``zscore_clip`` and ``skip_anomalies``.
+- :class:`RobustLevel`: centre and mean absolute deviation of a heavy-tailed stream (winsorized
+  EMAs after an exact warm-up), used on log-losses by ``spike_recovery``.
 - :func:`ema`: one exponential-moving-average step, also used per tensor by ``adagc``.
 - :class:`P2Quantile`: a streaming quantile in 16 numbers (the P-square algorithm), used by
   ``quantile_clip``.
@@ -138,6 +140,54 @@ def mean_var_update(stats: MeanVar, x, *, decay, warmup_steps, accept=True) -> M
         optax.safe_increment(stats.count),
         jnp.where(warm, welford_mean, ema_mean),
         jnp.where(warm, welford_var, ema_var),
+    )
+    return select(accept, new, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# Robust level and spread of a heavy-tailed stream (minibatch losses, on the log scale)
+
+
+class RobustLevel(NamedTuple):
+    """Running centre and mean absolute deviation of a scalar stream, robust to outliers."""
+
+    count: jax.Array  # int32, samples accepted so far
+    center: jax.Array  # float32
+    spread: jax.Array  # float32, mean absolute deviation about the centre
+
+
+def robust_init() -> RobustLevel:
+    zero = lambda: jnp.zeros((), _F32)
+    return RobustLevel(jnp.zeros((), jnp.int32), zero(), zero())
+
+
+def robust_limit(stats: RobustLevel, z, warmup_steps) -> jax.Array:
+    """``center + z * max(spread, MIN_SPREAD)``; +inf during warm-up."""
+    limit = stats.center + as_f32(z) * jnp.maximum(stats.spread, MIN_SPREAD)
+    return jnp.where(ready(stats, warmup_steps), limit, jnp.inf)
+
+
+def robust_update(stats: RobustLevel, y, *, decay, warmup_steps, clip_z, accept=True):
+    """Adds the sample ``y`` unless ``accept`` is false or ``y`` is not finite.
+
+    Over the first ``warmup_length(warmup_steps)`` samples the centre is their exact mean and the
+    spread the mean of ``|y - centre|`` (each about the centre before it); after that both are
+    EMAs with ``decay`` of ``y`` winsorized to ``centre +- clip_z * spread``, so one outlier moves
+    them by at most ``(1 - decay) * clip_z`` spreads, while a gradual drift is followed.
+    """
+    y = as_f32(y)
+    accept = jnp.asarray(accept) & jnp.isfinite(y)
+    warm = stats.count < warmup_length(warmup_steps)
+    band = as_f32(clip_z) * jnp.maximum(stats.spread, MIN_SPREAD)
+    y = jnp.where(warm, y, jnp.clip(y, stats.center - band, stats.center + band))
+    n = stats.count.astype(_F32)
+    rate = jnp.where(warm, 1 / (n + 1), 1 - as_f32(decay))
+    spread_rate = jnp.where(warm, 1 / jnp.maximum(n, 1), rate)  # no deviation from the first
+    deviation = jnp.abs(y - stats.center)
+    new = RobustLevel(
+        optax.safe_increment(stats.count),
+        stats.center + rate * (y - stats.center),
+        jnp.where(n == 0, 0.0, stats.spread + spread_rate * (deviation - stats.spread)),
     )
     return select(accept, new, stats)
 

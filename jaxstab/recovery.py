@@ -1,42 +1,50 @@
-"""Spike recovery: roll back to the last good state when a loss spike gets through every clip.
+"""Spike recovery: skip a bad batch, roll the whole training state back when trouble persists.
 
-:func:`spike_recovery` builds a controller that lives beside the optimizer, inside the jitted
-training step. It watches the loss (and optionally the gradient norm), keeps ``keep`` snapshots of
-the parameters and optimizer state on device, and when the loss spikes it restores a snapshot
-taken before the trouble began, bit for bit, and tells the training loop how many batches to skip
--- what PaLM's authors did by hand (Chowdhery et al. 2022, section 5.1: restart about 100 steps
-before the spike and skip 200-500 batches). It escalates when spikes come back (longer skips, an
-optional lower learning rate, optional fresh optimizer moments) and, after ``max_rollbacks``
-within ``window`` steps, gives up cleanly: the parameters stay at the last good snapshot and
-:meth:`SpikeRecovery.check` raises :class:`SpikeRecoveryError` naming the step, the loss and the
-statistics, instead of a run that silently goes on in NaN.
+:func:`spike_recovery` builds a controller that lives inside the jitted training step and owns
+nothing of the model: it watches the loss and keeps ``keep`` snapshots of the *whole* training
+state, whatever pytree the user names (params, optimizer state, batch-norm statistics, loss
+scale, step counters, RNG key). It answers in tiers:
+
+1. an isolated outlier step is **skipped**: every state change the step made is discarded, bit
+   for bit, and the data stream goes on (no batch is skipped);
+2. trouble that **persists** (``alarm_steps`` of the last ``patience`` steps out of range: the
+   loss stays high, or the skip tier keeps firing, as when the parameters themselves went bad)
+   is **rolled back** to a snapshot taken before it began, and the loop is told to skip batches
+   -- what PaLM's authors did by hand (Chowdhery et al. 2022, section 5.1);
+3. repeated rollbacks **give up** loudly.
+
+Detection is robust to heavy tails: it runs on the log of the loss, with a winsorized centre and
+a mean-absolute-deviation spread that only accepted steps feed (see :mod:`jaxstab._stats`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxstab import _checks, _norms, _stats
+from jaxstab import _checks, _inplace, _stats
 from jaxstab.telemetry import telemetry_state
 
 _NEVER = np.iinfo(np.int32).min // 2  # "no rollback yet": older than any window
+_ON_GIVE_UP = ("raise", "warn", "ignore")
 
 
 class SpikeRecoveryError(RuntimeError):
-    """Raised by :meth:`SpikeRecovery.check` once the controller has given up."""
+    """Raised once the controller has given up (see ``on_give_up`` of :func:`spike_recovery`)."""
 
 
 @telemetry_state(
     "spike_recovery",
     (
         "loss",
-        "spike",
+        "threshold",
+        "skipped",
+        "skipped_total",
         "rolled_back",
         "rollbacks_total",
         "skip_batches",
@@ -50,34 +58,49 @@ class SpikeRecoveryError(RuntimeError):
 class SpikeRecoveryState(NamedTuple):
     """State of :func:`spike_recovery`: snapshots, loss statistics and this step's telemetry."""
 
-    snapshots: Any  # (params, opt_state), every leaf stacked ``keep`` times on a new axis 0
+    snapshots: Any  # the training state, every leaf stacked ``keep`` times on a new axis 0
     snapshot_step: jax.Array  # int32 (keep,), the step each slot holds; -1 when empty or invalid
-    confirmed: jax.Array  # bool (keep,), whether the slot's own loss was healthy
-    pending: jax.Array  # int32, the slot written last step and awaiting its loss; -1 when none
-    loss_stats: _stats.MeanVar  # statistics of healthy losses
-    norm_stats: _stats.MeanVar  # statistics of healthy gradient norms (when given)
-    step: jax.Array  # int32, steps taken so far (one per call; skipped batches not counted)
-    since_snapshot: jax.Array  # int32, healthy steps since the last snapshot
-    recent: jax.Array  # int32 (max_rollbacks,), steps of the latest rollbacks, oldest first
+    confirmed: jax.Array  # bool (keep,), whether the slot's own next step was in range
+    pending: jax.Array  # int32, the slot written last step and awaiting its verdict; -1: none
+    stats: _stats.RobustLevel  # centre and spread of accepted log-losses
+    recent: jax.Array  # int32 bit mask: bit i set when the step i steps ago was out of range
+    step: jax.Array  # int32, calls of the step so far (skipped and undone ones included)
+    since_snapshot: jax.Array  # int32, accepted steps since the last snapshot
+    rollback_steps: jax.Array  # int32 (max_rollbacks,), steps of the latest rollbacks
     streak: jax.Array  # int32, rollbacks since a snapshot was last confirmed
-    backoff_left: jax.Array  # int32, steps the lowered learning rate still holds
+    backoff_left: jax.Array  # int32, steps until ``lr_scale`` returns to 1 (with backoff_steps)
     loss: jax.Array  # float32, this step's loss
-    spike: jax.Array  # bool, whether this step's loss (or gradient norm) was a spike
+    threshold: jax.Array  # float32, the largest loss that was not skipped (+inf in warm-up)
+    skipped: jax.Array  # bool, whether this step's state changes were discarded
+    skipped_total: jax.Array  # int32
     rolled_back: jax.Array  # bool, whether this step restored a snapshot
-    rollbacks_total: jax.Array  # int32, rollbacks so far
+    rollbacks_total: jax.Array  # int32
     skip_batches: jax.Array  # int32, batches the training loop should skip now (0 normally)
     steps_lost: jax.Array  # int32, steps this rollback undid
-    steps_lost_total: jax.Array  # int32, steps undone so far
-    lr_scale: jax.Array  # float32, the factor applied to the updates (1 normally)
+    steps_lost_total: jax.Array  # int32
+    lr_scale: jax.Array  # float32, the factor the step should apply to its updates
     gave_up: jax.Array  # bool, set for good after max_rollbacks within window
 
 
 class SpikeRecovery(NamedTuple):
-    """The controller made by :func:`spike_recovery`: ``init``, ``update`` and ``check``."""
+    """The controller made by :func:`spike_recovery`: ``init``, ``wrap``, ``update``, ``check``."""
 
-    init: Callable[[Any, Any], SpikeRecoveryState]
-    update: Callable[..., tuple[Any, Any, SpikeRecoveryState]]
+    init: Callable[[Any], SpikeRecoveryState]
+    wrap: Callable[..., Callable]
+    update: Callable[..., tuple[Any, SpikeRecoveryState]]
     check: Callable[[SpikeRecoveryState], None]
+
+
+class _Verdict(NamedTuple):
+    """What the controller decided from this step's loss, before the state is chosen."""
+
+    skip: jax.Array  # bool: keep the old state
+    rollback: jax.Array  # bool: restore a snapshot (also once given up)
+    target: jax.Array  # int32: the slot to restore
+    take: jax.Array  # bool: snapshot the new state
+    slot: jax.Array  # int32: the slot to write
+    gives_up: jax.Array  # bool: this step gave up
+    state: SpikeRecoveryState  # the controller's next state, but for the snapshots
 
 
 def _stack(tree, keep: int):
@@ -85,293 +108,416 @@ def _stack(tree, keep: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (keep, *jnp.shape(x))).copy(), tree)
 
 
-def _write(snapshots, tree, slot):
-    """``snapshots`` with ``tree`` written into ``slot`` (in place: one dynamic-update-slice)."""
-    return jax.tree.map(lambda s, x: s.at[slot].set(x), snapshots, tree)
+def _like(x, like):
+    """``x`` in the memory space of ``like`` (a snapshot kept in host memory comes back)."""
+    space = getattr(jax.typeof(like), "memory_space", None)
+    return x if getattr(jax.typeof(x), "memory_space", None) == space else jax.device_put(x, space)
 
 
-def _read(snapshots, slot):
-    return jax.tree.map(lambda s: s[slot], snapshots)
+def _check_loss(loss) -> None:
+    """``loss`` (an array or its ``ShapeDtypeStruct``) must be a real scalar."""
+    shape, dtype = loss.shape, loss.dtype
+    if not jnp.issubdtype(dtype, jnp.floating) and not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"loss must be a real scalar, got dtype {dtype}")
+    if shape != ():
+        raise ValueError(
+            f"loss must be a scalar (shape ()), got shape {shape}: reduce it first (e.g. "
+            "loss.mean()); spike_recovery judges one loss per step"
+        )
 
 
-def _zscore_spike(stats: _stats.MeanVar, x, z_threshold, min_rise, warmup_steps) -> jax.Array:
-    """Whether ``x`` is above ``mean + z_threshold * std`` and ``min_rise * |mean|`` above the
-    mean, once the statistics are warm; a non-finite ``x`` always is."""
-    rise = x - stats.mean
-    spike = (rise > _stats.as_f32(z_threshold) * _stats.std(stats)) & (
-        rise > _stats.as_f32(min_rise) * jnp.abs(stats.mean)
-    )
-    return ~jnp.isfinite(x) | (_stats.ready(stats, warmup_steps) & spike)
+def _check_state(state, snapshots) -> None:
+    """``state`` must be what ``init`` was given: same structure, shapes and dtypes."""
+    want = jax.tree.structure(snapshots)
+    if jax.tree.structure(state) != want:
+        raise ValueError(
+            "state must keep the tree structure recovery.init was given, got\n"
+            f"  state: {jax.tree.structure(state)}\n  init:  {want}"
+        )
+    for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(snapshots), strict=True):
+        if (jnp.shape(x), jnp.result_type(x)) != (s.shape[1:], s.dtype):
+            raise ValueError(
+                "state must keep the shapes and dtypes recovery.init was given: a leaf of "
+                f"shape {jnp.shape(x)} {jnp.result_type(x)} was {s.shape[1:]} {s.dtype}"
+            )
 
 
 def spike_recovery(
     every: int = 100,
     *,
     keep: int = 2,
-    z_threshold: float = 6.0,
-    min_rise: float = 0.05,
+    z_skip: float = 10.0,
+    z_alarm: float = 4.0,
+    patience: int = 16,
+    alarm_steps: int = 6,
     decay: float = 0.99,
-    warmup_steps: int = 50,
-    min_age: int = 20,
+    warmup_steps: int = 100,
     skip_batches: int = 20,
     max_rollbacks: int = 3,
     window: int = 1000,
     lr_backoff: float | None = None,
-    backoff_steps: int = 100,
+    backoff_steps: int | None = None,
     reinit: Callable[[Any], Any] | None = None,
+    on_give_up: str = "raise",
 ) -> SpikeRecovery:
-    """A controller that rolls training back to a recent good state when the loss spikes.
+    """A controller that skips outlier steps and rolls the whole training state back past a spike.
 
-    Call ``update`` last in the jitted training step, in place of ``optax.apply_updates``: it
-    applies the updates, judges this step's loss, and either keeps the new parameters or restores
-    a snapshot::
+    Wrap the training step, which takes the whole training state and returns the new one with
+    the loss; the wrapped step takes and returns the controller's state too::
 
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params, opt_state, rstate = recovery.update(loss, params, updates, opt_state, rstate)
-      # then skip rstate.skip_batches batches of data (0 on a normal step)
+      def train_step(state, batch):          # state: any pytree (a TrainState, a dict, ...)
+          loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+          return state.apply_gradients(grads=grads), loss
 
-    **Detection.** A step is a spike when its loss is not finite, or -- after ``warmup_steps``
-    healthy steps -- when it lies more than ``z_threshold`` standard deviations *and* more than
-    ``min_rise`` times ``|mean|`` above the running mean of healthy losses (NaN-immune statistics:
-    exact mean and variance over the warm-up, EMAs with ``decay`` after). With
-    ``update(..., grad_norm=g)`` (e.g. from :func:`jaxstab.telemetry`) an outlying or non-finite
-    gradient norm is a spike too. Only healthy steps feed the statistics.
+      step = jax.jit(recovery.wrap(train_step), donate_argnums=(0, 1))
+      rstate = recovery.init(state)
+      state, rstate, loss = step(state, rstate, batch)
+      # then skip rstate.skip_batches batches of data (0 on an ordinary step)
 
-    **Snapshots.** After every ``every`` healthy steps the new parameters and optimizer state are
-    copied into one of ``keep`` slots on device (memory: ``keep`` extra copies of params and
-    optimizer state; place the returned state's ``snapshots`` in host memory with
-    ``jax.device_put`` where the platform has it). A snapshot counts only once the *next* step's
-    loss -- the loss of the snapshot's own parameters -- is healthy, so no snapshot of a bad step
-    is ever restored. A new snapshot replaces an invalid slot, else the oldest.
+    ``recovery.update(loss, state, new_state, rstate) -> (state, rstate)`` does the same from
+    values the step already computed; it is slower (XLA copies the state to keep the old one,
+    several times the cost of an Adam update on a CPU), since the choice between old and new
+    state cannot be fused into the computation of the new one, as ``wrap`` does.
 
-    **Rollback.** On a spike, the parameters and optimizer state are restored bit for bit from the
-    newest confirmed snapshot at least ``min_age`` steps old (trouble often starts a few steps
-    before the loss shows it), else from the oldest confirmed one; newer snapshots are dropped.
-    The step reports ``rolled_back``, ``steps_lost`` (steps undone) and ``skip_batches``: the loop
-    should skip that many batches, which it owns. Each further rollback before a new snapshot is
-    confirmed doubles the skip, so a long burst of bad data is stepped over without the controller
-    being told its length. Optionally the learning rate is scaled by ``lr_backoff`` for
-    ``backoff_steps`` steps after a rollback (the controller multiplies the updates), and
-    ``reinit`` (e.g. ``tx.init``) gives the restored parameters a fresh optimizer state.
+    **The whole state.** ``state`` is any pytree of arrays: params and optimizer state, but also
+    batch-norm statistics, a dynamic loss scale, step counters and the RNG key -- a skip or a
+    rollback that left any of them behind would be a silent failure. With Flax, a
+    ``flax.training.train_state.TrainState`` (with ``batch_stats`` in a subclass or a tuple
+    beside it) or the ``nnx.State`` of ``nnx.split((model, optimizer))`` works as it is.
 
-    **Giving up.** A spike when ``max_rollbacks`` rollbacks already happened in the last
-    ``window`` steps sets ``gave_up`` for good: from then on every step returns the last good
-    snapshot and the controller's state unchanged (no NaN run), and :meth:`SpikeRecovery.check`
-    -- called from the host, e.g. at each log step -- raises :class:`SpikeRecoveryError` with the
-    step, loss and statistics.
+    **Detection.** Each step's loss is judged on the log scale (minibatch losses are skewed and
+    heavy-tailed; their logarithm far less so) against a robust centre and spread: winsorized
+    EMAs (``decay``) of accepted log-losses and of their absolute deviations, exact over the
+    first ``warmup_steps`` finite steps. A step is *out of range* when its loss is non-finite
+    or its log lies more than ``z_alarm`` spreads above the centre, and *skipped* when non-finite
+    or more than ``z_skip`` spreads above (a loss ``exp(z_skip * spread)`` times the typical one:
+    with the defaults and a spread of 0.3, 20x). During warm-up only non-finite losses count.
+    A loss ``<= 0`` has no logarithm and counts as in range (shift a loss that can be negative).
 
-    Everything is in the graph (nothing returns to Python): a whole run works under ``jit`` and
-    ``lax.scan``, snapshots keep the sharding of the parameters under sharded ``jit``, and the
-    state is a ``NamedTuple`` of arrays that checkpoints (orbax, ``flax.serialization``) with its
-    snapshots.
-    Cost: on an ordinary step a few scalar operations (both branches of each ``lax.cond`` leave the
-    buffers in place): 1.04x an Adam step on a CPU, but about 0.45 ms a step on a GPU, where each
-    small operation is a kernel launch and each ``lax.cond`` waits for its predicate on the host
-    (1.7x Adam's step at 10M parameters on an H200); a snapshot step copies params and optimizer
-    state once; a rollback step copies them back.
+    **Tiers.** A skipped step returns the old state, bit for bit, as if it never happened (its
+    RNG key and counters too, so a stateful schedule does not advance). A rollback happens when
+    ``alarm_steps`` of the last ``patience`` steps were out of range: trouble that persists, or
+    a skip tier that keeps firing (parameters already damaged, a burst of bad data). It restores
+    the newest snapshot at least ``patience`` steps old (before the evidence began), else the
+    oldest; newer snapshots are dropped. The step reports ``rolled_back``, ``steps_lost`` and
+    ``skip_batches``: the loop should skip that many batches, doubled on each rollback before a
+    new snapshot is confirmed, so a long burst of bad data is stepped over without its length
+    being known. With ``lr_backoff`` each rollback multiplies ``lr_scale`` by it (for good, or
+    until ``backoff_steps`` steps pass without one); ``wrap`` then passes
+    ``lr_scale=rstate.lr_scale`` to the step, which should multiply its updates by it. ``reinit``
+    (``state -> state``, e.g. fresh optimizer moments) is applied to a restored state.
+
+    **Snapshots.** After every ``every`` accepted steps the new state is copied into one of
+    ``keep`` slots (an invalid one, else the oldest), on the device of the state -- memory:
+    ``keep`` extra copies of the state; :meth:`init` takes ``memory_kind="pinned_host"`` to keep
+    them in host memory where the platform has it. A snapshot is confirmed by the next step's
+    loss, which is the loss of the snapshot's own parameters; a skipped one invalidates it.
+
+    **Giving up.** A rollback when ``max_rollbacks`` already happened within ``window`` steps
+    sets ``gave_up``: the state is restored to the last good snapshot and stays there, and
+    ``on_give_up`` says how the loop learns it without looking: ``"raise"`` (default) makes that
+    step fail with a :class:`SpikeRecoveryError` from a host callback (the error comes out of the
+    jitted call, wrapped by JAX; the state passed in is gone if it was donated -- resume from a
+    checkpoint); ``"warn"`` issues a ``RuntimeWarning`` at that step and keeps the state frozen;
+    ``"ignore"`` leaves it to :meth:`SpikeRecovery.check`, which raises from the host.
+
+    Everything is in the graph: a whole run works under ``jit`` and ``lax.scan``, snapshots keep
+    the sharding of the state, and the controller's state is a ``NamedTuple`` of arrays that
+    checkpoints with its snapshots. Cost: on an ordinary step, scalar bookkeeping and two
+    ``lax.cond`` (snapshot and rollback; each a host round trip on a GPU); a snapshot step
+    copies the state once; a rollback step copies it back.
 
     Args:
-      every: healthy steps between snapshots; ``>= 1``.
-      keep: snapshots kept; ``>= 2`` (one stays confirmed while the newest awaits its loss).
-      z_threshold: z-score of the loss above which a step is a spike; ``> 0``.
-      min_rise: the loss must also exceed the mean by this fraction of ``|mean|``; ``>= 0``.
+      every: accepted steps between snapshots; an int ``>= 1``.
+      keep: snapshots kept; an int ``>= 2`` (one stays confirmed while the newest awaits).
+      z_skip: spreads of log-loss above the centre beyond which a step is skipped; ``> 0``.
+      z_alarm: spreads above the centre beyond which a step is out of range; ``(0, z_skip]``.
+      patience: the window of the rollback test, in steps; an int in ``[1, 31]``.
+      alarm_steps: out-of-range steps within ``patience`` that trigger a rollback; an int in
+        ``[1, patience]``.
       decay: EMA decay of the loss statistics after warm-up, in ``[0, 1)``.
-      warmup_steps: healthy steps that seed the statistics before z-scores are judged (until
-        then only a non-finite loss is a spike); ``>= 1``.
-      min_age: steps a snapshot must be old to be preferred for a rollback; ``>= 0``.
-      skip_batches: batches to skip after a first rollback, doubled on each repeat; ``>= 0``.
-      max_rollbacks: rollbacks allowed within ``window`` steps before giving up; ``>= 1``.
-      window: the window of ``max_rollbacks``, in steps; ``>= 1``.
-      lr_backoff: optional factor in ``(0, 1]`` on the updates for ``backoff_steps`` steps after
-        each rollback.
-      backoff_steps: steps the lowered learning rate holds; ``>= 0``.
-      reinit: optional ``params -> opt_state`` (e.g. ``tx.init``) applied on each rollback, to
-        drop optimizer moments that may hold the spike.
+      warmup_steps: finite steps that seed the statistics before losses are judged; int ``>= 1``.
+      skip_batches: batches to skip after a first rollback, doubled on each repeat; int ``>= 0``.
+      max_rollbacks: rollbacks allowed within ``window`` steps; an int ``>= 1``.
+      window: the window of ``max_rollbacks``, in steps; an int ``>= 1``.
+      lr_backoff: optional factor in ``(0, 1]`` by which each rollback multiplies ``lr_scale``.
+      backoff_steps: optional steps without a rollback after which ``lr_scale`` returns to 1;
+        an int ``>= 1`` (default: never).
+      reinit: optional ``state -> state`` applied to a restored snapshot.
+      on_give_up: ``"raise"``, ``"warn"`` or ``"ignore"``, see above.
 
     Returns:
-      A :class:`SpikeRecovery` with ``init(params, opt_state)``,
-      ``update(loss, params, updates, opt_state, state, *, grad_norm=None)`` returning
-      ``(params, opt_state, state)``, and ``check(state)``.
+      A :class:`SpikeRecovery` with ``init(state, *, memory_kind=None)``,
+      ``wrap(train_step, *, has_aux=False)``, ``update(loss, state, new_state, rstate)`` and
+      ``check(rstate)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
       >>> from jaxstab import spike_recovery
-      >>> tx, recovery = optax.sgd(0.1), spike_recovery(every=2, warmup_steps=3, min_age=0)
-      >>> params = {"w": jnp.ones(3)}
-      >>> opt_state = tx.init(params)
-      >>> rstate = recovery.init(params, opt_state)
-      >>> @jax.jit
-      ... def train_step(params, opt_state, rstate, scale):
-      ...     loss, grads = jax.value_and_grad(lambda p: scale * jnp.sum(p["w"] ** 2))(params)
+      >>> tx = optax.sgd(0.1)
+      >>> recovery = spike_recovery(every=2, warmup_steps=3, patience=4, alarm_steps=2)
+      >>> def train_step(state, scale):
+      ...     params, opt_state = state
+      ...     loss, grads = jax.value_and_grad(lambda p: scale * jnp.sum(p ** 2))(params)
       ...     updates, opt_state = tx.update(grads, opt_state, params)
-      ...     return recovery.update(loss, params, updates, opt_state, rstate)
-      >>> for scale in [1.0, 1.0, 1.0, 1.0, 1.0, jnp.nan, 1.0]:
-      ...     params, opt_state, rstate = train_step(params, opt_state, rstate, scale)
-      ...     print(bool(rstate.rolled_back), int(rstate.steps_lost), int(rstate.skip_batches))
-      False 0 0
-      False 0 0
-      False 0 0
-      False 0 0
-      False 0 0
-      True 2 20
-      False 0 0
-      >>> int(rstate.rollbacks_total), int(rstate.step)  # back at step 4's snapshot, then on
-      (1, 7)
-      >>> recovery.check(rstate)  # raises SpikeRecoveryError once it has given up
+      ...     return (optax.apply_updates(params, updates), opt_state), loss
+      >>> step = jax.jit(recovery.wrap(train_step))
+      >>> state = (jnp.ones(3), tx.init(jnp.ones(3)))
+      >>> rstate = recovery.init(state)
+      >>> for scale in [1.0, 1.0, 1.0, 1.0, jnp.nan, 1.0, 1.0, jnp.nan, jnp.nan, 1.0]:
+      ...     state, rstate, loss = step(state, rstate, scale)
+      ...     print(bool(rstate.skipped), bool(rstate.rolled_back), int(rstate.skip_batches))
+      False False 0
+      False False 0
+      False False 0
+      False False 0
+      True False 0
+      False False 0
+      False False 0
+      False True 20
+      True False 0
+      False False 0
+      >>> int(rstate.skipped_total), int(rstate.rollbacks_total), int(rstate.steps_lost_total)
+      (2, 1, 4)
 
     References:
       Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
       <https://arxiv.org/abs/2204.02311>`_, 2022 (section 5.1, training instability).
     """
-    _checks.check_range("every", every, low=1)
-    _checks.check_range("keep", keep, low=2)
-    _checks.check_range("z_threshold", z_threshold, low=0, low_open=True)
-    _checks.check_range("min_rise", min_rise, low=0)
+    for name, value, low in [
+        ("every", every, 1), ("keep", keep, 2), ("patience", patience, 1),
+        ("alarm_steps", alarm_steps, 1), ("warmup_steps", warmup_steps, 1),
+        ("skip_batches", skip_batches, 0), ("max_rollbacks", max_rollbacks, 1),
+        ("window", window, 1),
+    ] + ([("backoff_steps", backoff_steps, 1)] if backoff_steps is not None else []):  # fmt: skip
+        _checks.check_int(name, value, low=low)
+    _checks.check_range("patience", patience, high=31)
+    _checks.check_range("alarm_steps", alarm_steps, high=patience)
+    _checks.check_range("z_skip", z_skip, low=0, low_open=True)
+    _checks.check_range("z_alarm", z_alarm, low=0, high=z_skip, low_open=True)
     _checks.check_range("decay", decay, low=0, high=1, high_open=True)
-    _checks.check_range("warmup_steps", warmup_steps, low=1)
-    _checks.check_range("min_age", min_age, low=0)
-    _checks.check_range("skip_batches", skip_batches, low=0)
-    _checks.check_range("max_rollbacks", max_rollbacks, low=1)
-    _checks.check_range("window", window, low=1)
-    _checks.check_range("backoff_steps", backoff_steps, low=0)
     if lr_backoff is not None:
         _checks.check_range("lr_backoff", lr_backoff, low=0, high=1, low_open=True)
-    for name, value in [("keep", keep), ("max_rollbacks", max_rollbacks)]:
-        if not isinstance(value, int | np.integer):
-            raise ValueError(f"{name} must be a Python int (it sets a shape), got {value!r}")
+    if reinit is not None and not callable(reinit):
+        raise TypeError(f"reinit must be a callable state -> state, got {reinit!r}")
+    if on_give_up not in _ON_GIVE_UP:
+        raise ValueError(f"on_give_up must be one of {_ON_GIVE_UP}, got {on_give_up!r}")
+    window_mask = (1 << patience) - 1
 
-    def init_fn(params, opt_state) -> SpikeRecoveryState:
+    def init_fn(state, *, memory_kind: str | None = None) -> SpikeRecoveryState:
         i32 = lambda v: jnp.asarray(v, jnp.int32)
+        snapshots = _stack(state, keep)
+        if memory_kind is not None:
+            snapshots = jax.tree.map(
+                lambda s: jax.device_put(s, s.sharding.with_memory_kind(memory_kind)), snapshots
+            )
+        zero = lambda dtype: jnp.zeros((), dtype)
         return SpikeRecoveryState(
-            snapshots=_stack((params, opt_state), keep),
+            snapshots=snapshots,
             snapshot_step=jnp.full((keep,), -1, jnp.int32).at[0].set(0),
             confirmed=jnp.zeros((keep,), bool).at[0].set(True),
             pending=i32(-1),
-            loss_stats=_stats.mean_var_init(),
-            norm_stats=_stats.mean_var_init(),
+            stats=_stats.robust_init(),
+            recent=i32(0),
             step=i32(0),
             since_snapshot=i32(0),
-            recent=jnp.full((max_rollbacks,), _NEVER, jnp.int32),
+            rollback_steps=jnp.full((max_rollbacks,), _NEVER, jnp.int32),
             streak=i32(0),
             backoff_left=i32(0),
-            loss=jnp.zeros((), jnp.float32),
-            spike=jnp.zeros((), bool),
-            rolled_back=jnp.zeros((), bool),
+            loss=zero(jnp.float32),
+            threshold=jnp.full((), jnp.inf, jnp.float32),
+            skipped=zero(bool),
+            skipped_total=i32(0),
+            rolled_back=zero(bool),
             rollbacks_total=i32(0),
             skip_batches=i32(0),
             steps_lost=i32(0),
             steps_lost_total=i32(0),
             lr_scale=jnp.ones((), jnp.float32),
-            gave_up=jnp.zeros((), bool),
+            gave_up=zero(bool),
         )
 
-    def update_fn(loss, params, updates, opt_state, state, *, grad_norm=None):
+    def judge(loss, rs: SpikeRecoveryState) -> _Verdict:
+        """The verdict on this step's loss, and the controller's next state (but snapshots)."""
+        loss = jnp.asarray(loss)
+        _check_loss(loss)
         loss = _stats.as_f32(loss)
-        step = state.step + 1
-        spike = _zscore_spike(state.loss_stats, loss, z_threshold, min_rise, warmup_steps)
-        norm_stats = state.norm_stats
-        if grad_norm is not None:
-            grad_norm = _stats.as_f32(grad_norm)
-            spike |= _zscore_spike(norm_stats, grad_norm, z_threshold, min_rise, warmup_steps)
-            norm_stats = _stats.mean_var_update(
-                norm_stats, grad_norm, decay=decay, warmup_steps=warmup_steps, accept=~spike
-            )
-        loss_stats = _stats.mean_var_update(
-            state.loss_stats, loss, decay=decay, warmup_steps=warmup_steps, accept=~spike
-        )
+        step = rs.step + 1
+        finite = jnp.isfinite(loss)
+        y = jnp.log(jnp.where(loss > 0, loss, 1.0))  # a loss <= 0 is in range
+        y = jnp.where(loss > 0, y, -jnp.inf)
+        skip_limit = _stats.robust_limit(rs.stats, z_skip, warmup_steps)
+        alarm_limit = _stats.robust_limit(rs.stats, z_alarm, warmup_steps)
+        skip = ~finite | (y > skip_limit)
+        out = ~finite | (y > alarm_limit)
+        recent = ((rs.recent << 1) | out.astype(jnp.int32)) & window_mask
+        in_range = jax.lax.population_count(recent) < alarm_steps
 
-        # Last step's snapshot holds the parameters this loss was measured on: judge it.
-        is_pending = jnp.arange(keep) == state.pending
-        confirmed = state.confirmed | (is_pending & ~spike)
-        snapshot_step = jnp.where(is_pending & spike, -1, state.snapshot_step)
-        streak = jnp.where(jnp.any(is_pending) & ~spike, 0, state.streak)
+        in_window = jnp.sum((rs.rollback_steps > step - window).astype(jnp.int32))
+        gave_up = rs.gave_up | (~in_range & (in_window >= max_rollbacks))
+        rollback = ~in_range | gave_up
+        rolled_back = rollback & ~gave_up
+        skip = skip & ~rollback
 
-        in_window = jnp.sum((state.recent > step - window).astype(jnp.int32))
-        gave_up = state.gave_up | (spike & (in_window >= max_rollbacks))
-        rollback = spike | gave_up
+        # Last step's snapshot holds the state this loss was measured on: judge it.
+        is_pending = jnp.arange(keep) == rs.pending
+        confirmed = rs.confirmed | (is_pending & ~skip & ~rollback)
+        snapshot_step = jnp.where(is_pending & (skip | rollback), -1, rs.snapshot_step)
+        streak = jnp.where(jnp.any(is_pending) & ~skip & ~rollback, 0, rs.streak)
+
         valid = confirmed & (snapshot_step >= 0)
-        aged = valid & (snapshot_step <= step - min_age)
+        aged = valid & (snapshot_step <= step - patience)
         newest_aged = jnp.argmax(jnp.where(aged, snapshot_step, -2))
         oldest = jnp.argmin(jnp.where(valid, snapshot_step, jnp.iinfo(jnp.int32).max))
         target = jnp.where(jnp.any(aged), newest_aged, oldest)
         target_step = snapshot_step[target]
-
-        lr_scale = jnp.ones((), jnp.float32)
-        if lr_backoff is not None:
-            lr_scale = jnp.where(state.backoff_left > 0, _stats.as_f32(lr_backoff), lr_scale)
-            updates = _norms.scale_tree(updates, lr_scale)
-        new = (optax.apply_updates(params, updates), opt_state)
-
-        # Snapshot after ``every`` healthy steps (never on a spike), into an invalid slot or the
-        # oldest; it is confirmed by the next step's loss. Taking and restoring exclude each
-        # other; writing first lets XLA update the snapshot buffers in place.
-        since = jnp.where(rollback, 0, state.since_snapshot + 1)
-        take = ~rollback & (since >= every)
+        accepted = ~skip & ~rollback
+        since = jnp.where(rollback, 0, rs.since_snapshot + accepted.astype(jnp.int32))
+        take = accepted & (since >= every)
         slot = jnp.argmin(snapshot_step)
-        snapshots = jax.lax.cond(
-            take, lambda s: _write(s, new, slot), lambda s: s, state.snapshots
-        )
+        is_slot = take & (jnp.arange(keep) == slot)
+        snapshot_step = jnp.where(rollback & (snapshot_step > target_step), -1, snapshot_step)
+        snapshot_step = jnp.where(is_slot, step, snapshot_step)
 
-        def restore(_):
-            p, s = _read(snapshots, target)
-            return (p, reinit(p)) if reinit is not None else (p, s)
-
-        params, opt_state = jax.lax.cond(rollback, restore, lambda n: n, new)
-        dropped = rollback & (snapshot_step > target_step)  # newer than the one restored
-        snapshot_step = jnp.where(dropped, -1, snapshot_step)
-        snapshot_step = jnp.where(take & (jnp.arange(keep) == slot), step, snapshot_step)
-        confirmed = jnp.where(take & (jnp.arange(keep) == slot), False, confirmed)
-
-        rolled_back = spike & ~gave_up
-        skip = jnp.where(
-            rolled_back, jnp.int32(skip_batches) << jnp.minimum(streak, 16), 0
-        ).astype(jnp.int32)
-        steps_lost = jnp.where(rollback & ~state.gave_up, step - target_step, 0)
-        recent = jnp.where(
-            rolled_back, jnp.roll(state.recent, -1).at[-1].set(step), state.recent
-        )
-        backoff_left = jnp.where(
-            rolled_back, backoff_steps, jnp.maximum(state.backoff_left - 1, 0)
-        ).astype(jnp.int32)
-        new_state = SpikeRecoveryState(
-            snapshots=snapshots,
+        lr_scale, backoff_left = rs.lr_scale, jnp.maximum(rs.backoff_left - 1, 0)
+        if lr_backoff is not None:
+            lr_scale = jnp.where(rolled_back, lr_scale * _stats.as_f32(lr_backoff), lr_scale)
+            if backoff_steps is not None:
+                backoff_left = jnp.where(rolled_back, backoff_steps, backoff_left)
+                lr_scale = jnp.where(backoff_left == 0, 1.0, lr_scale).astype(jnp.float32)
+        steps_lost = jnp.where(rollback & ~rs.gave_up, step - target_step, 0)
+        new = SpikeRecoveryState(
+            snapshots=rs.snapshots,
             snapshot_step=snapshot_step,
-            confirmed=confirmed,
+            confirmed=jnp.where(is_slot, False, confirmed),
             pending=jnp.where(take, slot, -1).astype(jnp.int32),
-            loss_stats=loss_stats,
-            norm_stats=norm_stats,
+            stats=_stats.robust_update(
+                rs.stats,
+                y,
+                decay=decay,
+                warmup_steps=warmup_steps,
+                clip_z=z_alarm,
+                accept=accepted & (loss > 0),
+            ),
+            recent=jnp.where(rollback, 0, recent),
             step=step,
             since_snapshot=jnp.where(take, 0, since),
-            recent=recent,
+            rollback_steps=jnp.where(
+                rolled_back, jnp.roll(rs.rollback_steps, -1).at[-1].set(step), rs.rollback_steps
+            ),
             streak=streak + rolled_back.astype(jnp.int32),
-            backoff_left=backoff_left,
+            backoff_left=backoff_left.astype(jnp.int32),
             loss=loss,
-            spike=spike,
+            threshold=jnp.exp(skip_limit),
+            skipped=skip,
+            skipped_total=rs.skipped_total + skip.astype(jnp.int32),
             rolled_back=rolled_back,
-            rollbacks_total=state.rollbacks_total + rolled_back.astype(jnp.int32),
-            skip_batches=skip,
+            rollbacks_total=rs.rollbacks_total + rolled_back.astype(jnp.int32),
+            skip_batches=jnp.where(
+                rolled_back, jnp.int32(skip_batches) << jnp.minimum(streak, 16), 0
+            ).astype(jnp.int32),
             steps_lost=steps_lost,
-            steps_lost_total=state.steps_lost_total + steps_lost,
+            steps_lost_total=rs.steps_lost_total + steps_lost,
             lr_scale=lr_scale,
             gave_up=gave_up,
         )
-        # Once given up, the state stays as it was at that step (what ``check`` reports).
-        frozen = {k: v for k, v in state._asdict().items() if k != "snapshots"}
-        fresh = {k: getattr(new_state, k) for k in frozen}
-        new_state = new_state._replace(**_stats.select(state.gave_up, frozen, fresh))
-        return params, opt_state, new_state
+        # Once given up, the controller stays as it was at that step (what ``check`` reports).
+        frozen = {k: v for k, v in rs._asdict().items() if k != "snapshots"}
+        fresh = {k: getattr(new, k) for k in frozen}
+        new = new._replace(**_stats.select(rs.gave_up, frozen, fresh))
+        return _Verdict(skip, rollback, target, take, slot, gave_up & ~rs.gave_up, new)
 
-    def check_fn(state: SpikeRecoveryState) -> None:
-        if not bool(state.gave_up):
-            return
-        stats = state.loss_stats
-        raise SpikeRecoveryError(
-            f"spike_recovery gave up at step {int(state.step)}: loss {float(state.loss):.6g} "
-            f"(healthy mean {float(stats.mean):.6g}, std {float(_stats.std(stats)):.6g}) after "
-            f"{max_rollbacks} rollbacks within {window} steps ({int(state.rollbacks_total)} in "
-            f"all, {int(state.steps_lost_total)} steps undone); parameters and optimizer state "
-            "are those of the last good snapshot"
+    def finish(state, verdict: _Verdict):
+        """Snapshot or restore: the chosen state and the controller's next state."""
+        rs = verdict.state
+        # Taking and restoring exclude each other; writing first lets XLA update the snapshot
+        # buffers in place.
+        snapshots = jax.lax.cond(
+            verdict.take,
+            lambda s: jax.tree.map(lambda a, x: a.at[verdict.slot].set(x), s, state),
+            lambda s: s,
+            rs.snapshots,
         )
 
-    return SpikeRecovery(init_fn, update_fn, check_fn)
+        def restore(_):
+            if on_give_up != "ignore":  # rollbacks are rare: the host reads the flag
+                jax.debug.callback(_give_up_callback, verdict.gives_up, rs.step, rs.loss)
+            restored = jax.tree.map(lambda a, x: _like(a[verdict.target], x), snapshots, state)
+            return reinit(restored) if reinit is not None else restored
+
+        state = jax.lax.cond(verdict.rollback, restore, lambda s: s, state)
+        return state, rs._replace(snapshots=snapshots)
+
+    def _give_up_callback(gives_up, step, loss) -> None:
+        if not gives_up:
+            return
+        message = (
+            f"spike_recovery gave up at step {int(step)}: loss {float(loss):.6g} after "
+            f"{max_rollbacks} rollbacks within {window} steps; the state is frozen at the last "
+            "good snapshot"
+        )
+        if on_give_up == "raise":
+            raise SpikeRecoveryError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def update_fn(loss, state, new_state, rstate: SpikeRecoveryState):
+        _check_state(state, rstate.snapshots)
+        _checks.check_same_structure("state", state, "new_state", new_state)
+        verdict = judge(loss, rstate)
+        chosen = _stats.select(verdict.skip, state, new_state)
+        return finish(chosen, verdict)
+
+    def wrap_fn(train_step: Callable, *, has_aux: bool = False) -> Callable:
+        if not callable(train_step):
+            raise TypeError(f"train_step must be a callable, got {train_step!r}")
+
+        def step(state, rstate: SpikeRecoveryState, *args, **kwargs):
+            _check_state(state, rstate.snapshots)
+            if lr_backoff is not None:
+                kwargs = {**kwargs, "lr_scale": rstate.lr_scale}
+            olds = jax.tree.leaves(state)
+            verdicts = []
+
+            def keep_old(shapes):
+                _checks.check_same_structure("state", state, "the new state", shapes[0])
+                rest = len(jax.tree.leaves(shapes)) - len(olds)
+                return olds + [None] * rest
+
+            def watch(shapes):
+                _check_loss(jax.tree.leaves(shapes[1])[0])
+                return len(olds)  # the loss is the first leaf after the state
+
+            def decide(loss):
+                verdicts.append(judge(loss, rstate))
+                return verdicts[-1].skip
+
+            def run(state):
+                out = train_step(state, *args, **kwargs)
+                pair = isinstance(out, tuple) and len(out) == 2
+                if not pair or (has_aux and not (isinstance(out[1], tuple) and len(out[1]) == 2)):
+                    raise TypeError(
+                        "train_step must return (new_state, loss)"
+                        + (" with loss a (loss, aux) pair, as has_aux=True says" if has_aux else "")
+                    )
+                return out if has_aux else (out[0], (out[1],))
+
+            verdict = _inplace.Verdict(decide=decide)
+            new_state, out = _inplace.call_keeping(run, (state,), keep_old, verdict, watch)
+            state, rstate = finish(new_state, verdicts[-1])
+            return state, rstate, out if has_aux else out[0]
+
+        return step
+
+    def check_fn(rstate: SpikeRecoveryState) -> None:
+        if not bool(rstate.gave_up):
+            return
+        stats = rstate.stats
+        raise SpikeRecoveryError(
+            f"spike_recovery gave up at step {int(rstate.step)}: loss {float(rstate.loss):.6g} "
+            f"(typical {float(np.exp(stats.center)):.6g}) after {max_rollbacks} rollbacks "
+            f"within {window} steps ({int(rstate.rollbacks_total)} in all, "
+            f"{int(rstate.steps_lost_total)} steps undone); the state is that of the last good "
+            "snapshot"
+        )
+
+    return SpikeRecovery(init_fn, wrap_fn, update_fn, check_fn)
