@@ -32,6 +32,7 @@ from jaxstab.telemetry import telemetry_state
 
 _NEVER = np.iinfo(np.int32).min // 2  # "no rollback yet": older than any window
 _ON_GIVE_UP = ("raise", "warn", "ignore")
+_PLACES = ("device", "pinned_host", "external")
 
 
 class SpikeRecoveryError(RuntimeError):
@@ -44,6 +45,8 @@ class SpikeRecoveryError(RuntimeError):
         "loss",
         "threshold",
         "skipped",
+        "snapshot_taken",
+        "restored_step",
         "skipped_total",
         "rolled_back",
         "rollbacks_total",
@@ -58,7 +61,7 @@ class SpikeRecoveryError(RuntimeError):
 class SpikeRecoveryState(NamedTuple):
     """State of :func:`spike_recovery`: snapshots, loss statistics and this step's telemetry."""
 
-    snapshots: Any  # the training state, every leaf stacked ``keep`` times on a new axis 0
+    snapshots: Any  # the training state stacked ``keep`` times on a new axis 0 (0: external)
     snapshot_step: jax.Array  # int32 (keep,), the step each slot holds; -1 when empty or invalid
     confirmed: jax.Array  # bool (keep,), whether the slot's own next step was in range
     pending: jax.Array  # int32, the slot written last step and awaiting its verdict; -1: none
@@ -73,6 +76,8 @@ class SpikeRecoveryState(NamedTuple):
     threshold: jax.Array  # float32, the largest loss that was not skipped (+inf in warm-up)
     skipped: jax.Array  # bool, whether this step's state changes were discarded
     skipped_total: jax.Array  # int32
+    snapshot_taken: jax.Array  # bool, whether this step's new state is snapshot ``step``
+    restored_step: jax.Array  # int32, the snapshot this step restored (-1 when none)
     rolled_back: jax.Array  # bool, whether this step restored a snapshot
     rollbacks_total: jax.Array  # int32
     skip_batches: jax.Array  # int32, batches the training loop should skip now (0 normally)
@@ -159,6 +164,7 @@ def spike_recovery(
     backoff_steps: int | None = None,
     reinit: Callable[[Any], Any] | None = None,
     on_give_up: str = "raise",
+    snapshots: str = "device",
 ) -> SpikeRecovery:
     """A controller that skips outlier steps and rolls the whole training state back past a spike.
 
@@ -207,11 +213,16 @@ def spike_recovery(
     ``lr_scale=rstate.lr_scale`` to the step, which should multiply its updates by it. ``reinit``
     (``state -> state``, e.g. fresh optimizer moments) is applied to a restored state.
 
-    **Snapshots.** After every ``every`` accepted steps the new state is copied into one of
-    ``keep`` slots (an invalid one, else the oldest), on the device of the state -- memory:
-    ``keep`` extra copies of the state; :meth:`init` takes ``memory_kind="pinned_host"`` to keep
-    them in host memory where the platform has it. A snapshot is confirmed by the next step's
-    loss, which is the loss of the snapshot's own parameters; a skipped one invalidates it.
+    **Snapshots.** After every ``every`` accepted steps the new state becomes snapshot ``step``
+    in one of ``keep`` slots (an invalid one, else the oldest). A snapshot is confirmed by the
+    next step's loss, which is the loss of the snapshot's own parameters; a skipped one
+    invalidates it. Where they live (``snapshots``): ``"device"``, beside the state (``keep``
+    extra copies of it in accelerator memory); ``"pinned_host"``, in host memory where the
+    platform has it (copied over at each snapshot and rollback); ``"external"``, nowhere in the
+    graph -- the step reports ``snapshot_taken`` (save the returned state under ``rstate.step``)
+    and, on a rollback, returns the old state with ``restored_step`` set (load that snapshot):
+    :class:`jaxstab.recovery_orbax.OrbaxSnapshots` does both with an orbax
+    ``CheckpointManager``, for a state that does not fit twice in memory.
 
     **Giving up.** A rollback when ``max_rollbacks`` already happened within ``window`` steps
     sets ``gave_up``: the state is restored to the last good snapshot and stays there, and
@@ -245,9 +256,10 @@ def spike_recovery(
         an int ``>= 1`` (default: never).
       reinit: optional ``state -> state`` applied to a restored snapshot.
       on_give_up: ``"raise"``, ``"warn"`` or ``"ignore"``, see above.
+      snapshots: ``"device"``, ``"pinned_host"`` or ``"external"``, see above.
 
     Returns:
-      A :class:`SpikeRecovery` with ``init(state, *, memory_kind=None)``,
+      A :class:`SpikeRecovery` with ``init(state)``,
       ``wrap(train_step, *, has_aux=False)``, ``update(loss, state, new_state, rstate)`` and
       ``check(rstate)``.
 
@@ -278,7 +290,7 @@ def spike_recovery(
       True False 0
       False False 0
       >>> int(rstate.skipped_total), int(rstate.rollbacks_total), int(rstate.steps_lost_total)
-      (2, 1, 4)
+      (2, 1, 6)
 
     References:
       Chowdhery et al., `PaLM: Scaling Language Modeling with Pathways
@@ -302,18 +314,21 @@ def spike_recovery(
         raise TypeError(f"reinit must be a callable state -> state, got {reinit!r}")
     if on_give_up not in _ON_GIVE_UP:
         raise ValueError(f"on_give_up must be one of {_ON_GIVE_UP}, got {on_give_up!r}")
+    if snapshots not in _PLACES:
+        raise ValueError(f"snapshots must be one of {_PLACES}, got {snapshots!r}")
+    external = snapshots == "external"
     window_mask = (1 << patience) - 1
 
-    def init_fn(state, *, memory_kind: str | None = None) -> SpikeRecoveryState:
+    def init_fn(state) -> SpikeRecoveryState:
         i32 = lambda v: jnp.asarray(v, jnp.int32)
-        snapshots = _stack(state, keep)
-        if memory_kind is not None:
-            snapshots = jax.tree.map(
-                lambda s: jax.device_put(s, s.sharding.with_memory_kind(memory_kind)), snapshots
+        stacked = _stack(state, 0 if external else keep)  # external: structure only
+        if snapshots == "pinned_host":
+            stacked = jax.tree.map(
+                lambda s: jax.device_put(s, s.sharding.with_memory_kind("pinned_host")), stacked
             )
         zero = lambda dtype: jnp.zeros((), dtype)
         return SpikeRecoveryState(
-            snapshots=snapshots,
+            snapshots=stacked,
             snapshot_step=jnp.full((keep,), -1, jnp.int32).at[0].set(0),
             confirmed=jnp.zeros((keep,), bool).at[0].set(True),
             pending=i32(-1),
@@ -328,6 +343,8 @@ def spike_recovery(
             threshold=jnp.full((), jnp.inf, jnp.float32),
             skipped=zero(bool),
             skipped_total=i32(0),
+            snapshot_taken=zero(bool),
+            restored_step=i32(-1),
             rolled_back=zero(bool),
             rollbacks_total=i32(0),
             skip_batches=i32(0),
@@ -411,6 +428,8 @@ def spike_recovery(
             threshold=jnp.exp(skip_limit),
             skipped=skip,
             skipped_total=rs.skipped_total + skip.astype(jnp.int32),
+            snapshot_taken=take,
+            restored_step=jnp.where(rollback, target_step, -1),
             rolled_back=rolled_back,
             rollbacks_total=rs.rollbacks_total + rolled_back.astype(jnp.int32),
             skip_batches=jnp.where(
@@ -425,11 +444,17 @@ def spike_recovery(
         frozen = {k: v for k, v in rs._asdict().items() if k != "snapshots"}
         fresh = {k: getattr(new, k) for k in frozen}
         new = new._replace(**_stats.select(rs.gave_up, frozen, fresh))
-        return _Verdict(skip, rollback, target, take, slot, gave_up & ~rs.gave_up, new)
+        keep_old = skip | rollback if external else skip  # external: the host restores
+        return _Verdict(keep_old, rollback, target, take, slot, gave_up & ~rs.gave_up, new)
 
     def finish(state, verdict: _Verdict):
         """Snapshot or restore: the chosen state and the controller's next state."""
         rs = verdict.state
+        if external:
+            if on_give_up != "ignore":
+                announce = lambda: jax.debug.callback(_give_up_callback, True, rs.step, rs.loss)
+                jax.lax.cond(verdict.gives_up, announce, lambda: None)
+            return state, rs
         # Taking and restoring exclude each other; writing first lets XLA update the snapshot
         # buffers in place.
         snapshots = jax.lax.cond(

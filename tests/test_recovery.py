@@ -317,10 +317,12 @@ def test_batch_norm_statistics_are_restored_with_a_flax_train_state():
 
 
 def test_snapshots_in_host_memory():
-    recovery = spike_recovery(every=3, warmup_steps=3, patience=1, alarm_steps=1)
+    recovery = spike_recovery(
+        every=3, warmup_steps=3, patience=1, alarm_steps=1, snapshots="pinned_host"
+    )
     state = initial_state()
     try:
-        rstate = recovery.init(state, memory_kind="pinned_host")
+        rstate = recovery.init(state)
     except (ValueError, RuntimeError) as e:  # a platform without host memory spaces
         pytest.skip(str(e))
     leaf = jax.tree.leaves(rstate.snapshots)[0]
@@ -330,6 +332,33 @@ def test_snapshots_in_host_memory():
     assert_bit_identical(history[at][0], history[at - int(history[at][1].steps_lost)][0])
 
 
+def test_external_snapshots_in_orbax_give_the_same_run(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    from jaxstab.recovery_orbax import OrbaxSnapshots
+
+    kwargs = dict(every=4, warmup_steps=5, patience=4, alarm_steps=2)
+    bads = [0.0] * 10 + [np.nan] + [0.0] * 6 + [1e6, np.nan, 1e6] + [0.0] * 5
+    raw_key = {**initial_state(), "key": jax.random.PRNGKey(0)}  # orbax saves raw keys
+    want, want_r, _ = run(spike_recovery(**kwargs), bads, state=raw_key)
+    assert int(want_r.rollbacks_total) == 1
+    recovery = spike_recovery(**kwargs, snapshots="external")
+    step = jax.jit(recovery.wrap(train_step))
+    with ocp.CheckpointManager(tmp_path / "snapshots") as manager:
+        snaps = OrbaxSnapshots(manager)
+        state = raw_key
+        rstate = snaps.init(state, recovery)
+        assert jax.tree.leaves(rstate.snapshots)[0].size == 0  # nothing kept on device
+        for bad in bads:
+            state, rstate, _ = step(state, rstate, jnp.float32(bad))
+            state = snaps.after_step(state, rstate)
+        manager.wait_until_finished()
+        assert set(manager.all_steps()) <= set(np.asarray(rstate.snapshot_step).tolist())
+    assert_bit_identical(jax.device_get(state), want)
+    assert int(rstate.rollbacks_total) == 1 and int(rstate.steps_lost_total) == int(
+        want_r.steps_lost_total
+    )
+
+
 def test_telemetry_reports_the_controller_not_its_snapshots():
     recovery = spike_recovery()
     _, rstate, _ = run(recovery, [0.0])
@@ -337,7 +366,8 @@ def test_telemetry_reports_the_controller_not_its_snapshots():
     assert keys == {
         f"spike_recovery/{f}"
         for f in (
-            "loss", "threshold", "skipped", "skipped_total", "rolled_back", "rollbacks_total",
+            "loss", "threshold", "skipped", "skipped_total", "snapshot_taken", "restored_step",
+            "rolled_back", "rollbacks_total",
             "skip_batches", "steps_lost", "steps_lost_total", "lr_scale", "gave_up",
         )
     }  # fmt: skip
@@ -375,6 +405,7 @@ def test_orbax_round_trip_keeps_snapshots_and_statistics(tmp_path):
         ({"skip_batches": -1}, ValueError, "skip_batches"),
         ({"on_give_up": "stop"}, ValueError, "on_give_up"),
         ({"reinit": 3}, TypeError, "reinit"),
+        ({"snapshots": "disk"}, ValueError, "snapshots"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, error, match):
