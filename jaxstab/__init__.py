@@ -51,6 +51,7 @@ from jaxstab.recovery import (
     SpikeRecoveryState,
     spike_recovery,
 )
+from jaxstab.recovery_orbax import OrbaxSnapshots
 from jaxstab.scaling import NormalizeByGlobalNormState, normalize_by_global_norm
 from jaxstab.telemetry import telemetry
 
@@ -65,6 +66,7 @@ __all__ = [
     "ClipByGlobalNormState",
     "DynamicLossScale",
     "NormalizeByGlobalNormState",
+    "OrbaxSnapshots",
     "QKClipState",
     "QuantileClipState",
     "ScaleBySpamState",
