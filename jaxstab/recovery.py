@@ -452,8 +452,7 @@ def spike_recovery(
         rs = verdict.state
         if external:
             if on_give_up != "ignore":
-                announce = lambda: jax.debug.callback(_give_up_callback, True, rs.step, rs.loss)
-                jax.lax.cond(verdict.gives_up, announce, lambda: None)
+                jax.lax.cond(verdict.gives_up, lambda: jax.debug.callback(_give_up), lambda: None)
             return state, rs
         # Taking and restoring exclude each other; writing first lets XLA update the snapshot
         # buffers in place.
@@ -465,21 +464,19 @@ def spike_recovery(
         )
 
         def restore(_):
-            if on_give_up != "ignore":  # rollbacks are rare: the host reads the flag
-                jax.debug.callback(_give_up_callback, verdict.gives_up, rs.step, rs.loss)
+            if on_give_up != "ignore":  # no operands: a host callback with some costs more
+                jax.lax.cond(verdict.gives_up, lambda: jax.debug.callback(_give_up), lambda: None)
             restored = jax.tree.map(lambda a, x: _like(a[verdict.target], x), snapshots, state)
             return reinit(restored) if reinit is not None else restored
 
         state = jax.lax.cond(verdict.rollback, restore, lambda s: s, state)
         return state, rs._replace(snapshots=snapshots)
 
-    def _give_up_callback(gives_up, step, loss) -> None:
-        if not gives_up:
-            return
+    def _give_up() -> None:
         message = (
-            f"spike_recovery gave up at step {int(step)}: loss {float(loss):.6g} after "
-            f"{max_rollbacks} rollbacks within {window} steps; the state is frozen at the last "
-            "good snapshot"
+            f"spike_recovery gave up after {max_rollbacks} rollbacks within {window} steps; the "
+            "state is frozen at the last good snapshot (recovery.check(rstate) gives the step, "
+            "the loss and the statistics)"
         )
         if on_give_up == "raise":
             raise SpikeRecoveryError(message)

@@ -153,7 +153,7 @@ def test_repeated_rollbacks_double_the_skip_then_give_up_loudly():
     )
     state, rstate, history = run(recovery, [0.0] * 6 + [np.nan] * 3)
     assert [int(h[1].skip_batches) for h in history if bool(h[1].rolled_back)] == [20]
-    with pytest.warns(RuntimeWarning, match="gave up at step"):
+    with pytest.warns(RuntimeWarning, match="gave up after 2 rollbacks"):
         state, rstate, history = run(recovery, [np.nan] * 5, state, rstate)
         jax.effects_barrier()
     assert [int(h[1].skip_batches) for h in history if bool(h[1].rolled_back)] == [40]
