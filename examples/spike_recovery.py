@@ -80,7 +80,7 @@ def train(method: str, data, *, steps: int, seed: int, burst: range) -> dict:
         state, loss = train_step(state, tokens)
         return state, rstate, loss
 
-    step = jax.jit(recovery.wrap(train_step) if recover else plain)
+    step = recovery.wrap(train_step) if recover else jax.jit(plain)
     rstate = recovery.init(state)
 
     stream = batches(train_data, seed, range(0) if method.startswith("clean") else burst)

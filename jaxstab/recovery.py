@@ -33,6 +33,7 @@ from jaxstab.telemetry import telemetry_state
 _NEVER = np.iinfo(np.int32).min // 2  # "no rollback yet": older than any window
 _ON_GIVE_UP = ("raise", "warn", "ignore")
 _PLACES = ("device", "pinned_host", "external")
+_CHECK_EVERY = 64  # calls of a wrapped step between checks of ``gave_up`` that wait for it
 
 
 class SpikeRecoveryError(RuntimeError):
@@ -169,21 +170,24 @@ def spike_recovery(
     """A controller that skips outlier steps and rolls the whole training state back past a spike.
 
     Wrap the training step, which takes the whole training state and returns the new one with
-    the loss; the wrapped step takes and returns the controller's state too::
+    the loss; the wrapped step is jitted (state and controller state donated) and takes and
+    returns the controller's state too::
 
       def train_step(state, batch):          # state: any pytree (a TrainState, a dict, ...)
           loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
           return state.apply_gradients(grads=grads), loss
 
-      step = jax.jit(recovery.wrap(train_step), donate_argnums=(0, 1))
+      step = recovery.wrap(train_step)
       rstate = recovery.init(state)
       state, rstate, loss = step(state, rstate, batch)
       # then skip rstate.skip_batches batches of data (0 on an ordinary step)
 
-    ``recovery.update(loss, state, new_state, rstate) -> (state, rstate)`` does the same from
-    values the step already computed; it is slower (XLA copies the state to keep the old one,
-    several times the cost of an Adam update on a CPU), since the choice between old and new
-    state cannot be fused into the computation of the new one, as ``wrap`` does.
+    ``wrap(train_step, jit=False)`` gives the pure function instead, to call inside a ``jit`` or
+    ``lax.scan`` of your own; ``recovery.update(loss, state, new_state, rstate) -> (state,
+    rstate)`` does the same from values the step already computed, but is slower (XLA copies the
+    state to keep the old one, several times the cost of an Adam update on a CPU), since the
+    choice between old and new state cannot be fused into the computation of the new one, as
+    ``wrap`` does.
 
     **The whole state.** ``state`` is any pytree of arrays: params and optimizer state, but also
     batch-norm statistics, a dynamic loss scale, step counters and the RNG key -- a skip or a
@@ -225,12 +229,16 @@ def spike_recovery(
     ``CheckpointManager``, for a state that does not fit twice in memory.
 
     **Giving up.** A rollback when ``max_rollbacks`` already happened within ``window`` steps
-    sets ``gave_up``: the state is restored to the last good snapshot and stays there, and
-    ``on_give_up`` says how the loop learns it without looking: ``"raise"`` (default) makes that
-    step fail with a :class:`SpikeRecoveryError` from a host callback (the error comes out of the
-    jitted call, wrapped by JAX; the state passed in is gone if it was donated -- resume from a
-    checkpoint); ``"warn"`` issues a ``RuntimeWarning`` at that step and keeps the state frozen;
-    ``"ignore"`` leaves it to :meth:`SpikeRecovery.check`, which raises from the host.
+    sets ``gave_up``: the state is restored to the last good snapshot and stays there. The
+    jitted step of ``wrap`` tells the loop without being asked, as ``on_give_up`` says: with
+    ``"raise"`` (default) a later call raises :class:`SpikeRecoveryError` (step, loss,
+    statistics) before it runs, so the state passed in is still there to save; ``"warn"`` issues
+    a ``RuntimeWarning`` once and goes on frozen; ``"ignore"`` does nothing. It looks at the
+    flag the previous step returned before each call, without waiting for it (nothing runs on
+    the device for this: a host callback in the step would cost more, a fixed 2-3 ms a step on a
+    CPU), and waits for it every 64 calls, so it raises at the first call that finds the flag
+    computed, within 64 calls of the give-up. Inside your own ``jit`` or ``scan`` (``jit=False``,
+    ``update``) look at ``rstate.gave_up`` or call :meth:`SpikeRecovery.check` from the host.
 
     Everything is in the graph: a whole run works under ``jit`` and ``lax.scan``, snapshots keep
     the sharding of the state, and the controller's state is a ``NamedTuple`` of arrays that
@@ -260,8 +268,9 @@ def spike_recovery(
 
     Returns:
       A :class:`SpikeRecovery` with ``init(state)``,
-      ``wrap(train_step, *, has_aux=False)``, ``update(loss, state, new_state, rstate)`` and
-      ``check(rstate)``.
+      ``wrap(train_step, *, has_aux=False, jit=True, donate=True, **jit_kwargs)`` (with
+      ``has_aux`` the step returns ``(new_state, (loss, aux))``), ``update(loss, state,
+      new_state, rstate)`` and ``check(rstate)``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -273,7 +282,7 @@ def spike_recovery(
       ...     loss, grads = jax.value_and_grad(lambda p: scale * jnp.sum(p ** 2))(params)
       ...     updates, opt_state = tx.update(grads, opt_state, params)
       ...     return (optax.apply_updates(params, updates), opt_state), loss
-      >>> step = jax.jit(recovery.wrap(train_step))
+      >>> step = recovery.wrap(train_step)
       >>> state = (jnp.ones(3), tx.init(jnp.ones(3)))
       >>> rstate = recovery.init(state)
       >>> for scale in [1.0, 1.0, 1.0, 1.0, jnp.nan, 1.0, 1.0, jnp.nan, jnp.nan, 1.0]:
@@ -451,8 +460,6 @@ def spike_recovery(
         """Snapshot or restore: the chosen state and the controller's next state."""
         rs = verdict.state
         if external:
-            if on_give_up != "ignore":
-                jax.lax.cond(verdict.gives_up, lambda: jax.debug.callback(_give_up), lambda: None)
             return state, rs
         # Taking and restoring exclude each other; writing first lets XLA update the snapshot
         # buffers in place.
@@ -464,23 +471,11 @@ def spike_recovery(
         )
 
         def restore(_):
-            if on_give_up != "ignore":  # no operands: a host callback with some costs more
-                jax.lax.cond(verdict.gives_up, lambda: jax.debug.callback(_give_up), lambda: None)
             restored = jax.tree.map(lambda a, x: _like(a[verdict.target], x), snapshots, state)
             return reinit(restored) if reinit is not None else restored
 
         state = jax.lax.cond(verdict.rollback, restore, lambda s: s, state)
         return state, rs._replace(snapshots=snapshots)
-
-    def _give_up() -> None:
-        message = (
-            f"spike_recovery gave up after {max_rollbacks} rollbacks within {window} steps; the "
-            "state is frozen at the last good snapshot (recovery.check(rstate) gives the step, "
-            "the loss and the statistics)"
-        )
-        if on_give_up == "raise":
-            raise SpikeRecoveryError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def update_fn(loss, state, new_state, rstate: SpikeRecoveryState):
         _check_state(state, rstate.snapshots)
@@ -489,10 +484,34 @@ def spike_recovery(
         chosen = _stats.select(verdict.skip, state, new_state)
         return finish(chosen, verdict)
 
-    def wrap_fn(train_step: Callable, *, has_aux: bool = False) -> Callable:
+    def wrap_fn(
+        train_step: Callable, *, has_aux: bool = False, jit: bool = True, donate: bool = True,
+        **jit_kwargs,
+    ) -> Callable:  # fmt: skip
         if not callable(train_step):
             raise TypeError(f"train_step must be a callable, got {train_step!r}")
+        step = _pure_step(train_step, has_aux)
+        if not jit:
+            return step
+        compiled = jax.jit(step, donate_argnums=(0, 1) if donate else (), **jit_kwargs)
+        calls, warned = [0], [False]
 
+        def guarded(state, rstate: SpikeRecoveryState, *args, **kwargs):
+            # Before the call, which may consume (donate) ``rstate``: a look at the previous
+            # step's flag that waits for nothing, and one every _CHECK_EVERY calls that waits.
+            flag, calls[0] = rstate.gave_up, calls[0] + 1
+            look = on_give_up != "ignore" and not warned[0] and isinstance(flag, jax.Array)
+            look = look and not isinstance(flag, jax.core.Tracer)
+            if look and (calls[0] % _CHECK_EVERY == 0 or flag.is_ready()) and bool(flag):
+                if on_give_up == "raise":
+                    check_fn(rstate)
+                warnings.warn(_give_up_message(rstate), RuntimeWarning, stacklevel=2)
+                warned[0] = True
+            return compiled(state, rstate, *args, **kwargs)
+
+        return guarded
+
+    def _pure_step(train_step: Callable, has_aux: bool) -> Callable:
         def step(state, rstate: SpikeRecoveryState, *args, **kwargs):
             _check_state(state, rstate.snapshots)
             if lr_backoff is not None:
@@ -530,16 +549,17 @@ def spike_recovery(
 
         return step
 
-    def check_fn(rstate: SpikeRecoveryState) -> None:
-        if not bool(rstate.gave_up):
-            return
-        stats = rstate.stats
-        raise SpikeRecoveryError(
+    def _give_up_message(rstate: SpikeRecoveryState) -> str:
+        return (
             f"spike_recovery gave up at step {int(rstate.step)}: loss {float(rstate.loss):.6g} "
-            f"(typical {float(np.exp(stats.center)):.6g}) after {max_rollbacks} rollbacks "
+            f"(typical {float(np.exp(rstate.stats.center)):.6g}) after {max_rollbacks} rollbacks "
             f"within {window} steps ({int(rstate.rollbacks_total)} in all, "
             f"{int(rstate.steps_lost_total)} steps undone); the state is that of the last good "
             "snapshot"
         )
+
+    def check_fn(rstate: SpikeRecoveryState) -> None:
+        if bool(rstate.gave_up):
+            raise SpikeRecoveryError(_give_up_message(rstate))
 
     return SpikeRecovery(init_fn, wrap_fn, update_fn, check_fn)

@@ -33,7 +33,7 @@ class OrbaxSnapshots:
       >>> from jaxstab.recovery_orbax import OrbaxSnapshots
       >>> recovery = spike_recovery(every=2, warmup_steps=2, patience=1, alarm_steps=1,
       ...                           snapshots="external")
-      >>> step = jax.jit(recovery.wrap(lambda s, x: ({"w": s["w"] + x}, jnp.sum(s["w"]) + x)))
+      >>> step = recovery.wrap(lambda s, x: ({"w": s["w"] + x}, jnp.sum(s["w"]) + x))
       >>> manager = ocp.CheckpointManager(tempfile.mkdtemp())
       >>> state = {"w": jnp.ones(2)}
       >>> snaps = OrbaxSnapshots(manager)

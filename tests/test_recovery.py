@@ -63,7 +63,7 @@ def jitted(recovery, *, wrapped=True):
     @chex.assert_max_traces(n=1)
     def step(state, rstate, bad):
         if wrapped:
-            return recovery.wrap(train_step)(state, rstate, bad)
+            return recovery.wrap(train_step, jit=False)(state, rstate, bad)
         new, loss = train_step(state, bad)
         return (*recovery.update(loss, state, new, rstate), loss)
 
@@ -147,39 +147,62 @@ def test_skips_that_keep_firing_roll_back_params_that_went_bad():
     assert bool(jnp.all(jnp.isfinite(state["params"]["w"])))
 
 
-def test_repeated_rollbacks_double_the_skip_then_give_up_loudly():
+def give_up_run(on_give_up, n_nan=4):
+    """A jitted wrapped step driven into giving up (2 rollbacks allowed); returns the
+    controller, the step, the last state and controller state, and the controller states after
+    each call."""
     recovery = spike_recovery(
-        every=3, warmup_steps=3, patience=2, alarm_steps=2, max_rollbacks=2, on_give_up="warn"
-    )
-    state, rstate, history = run(recovery, [0.0] * 6 + [np.nan] * 3)
-    assert [int(h[1].skip_batches) for h in history if bool(h[1].rolled_back)] == [20]
-    with pytest.warns(RuntimeWarning, match="gave up after 2 rollbacks"):
-        state, rstate, history = run(recovery, [np.nan] * 5, state, rstate)
-        jax.effects_barrier()
-    assert [int(h[1].skip_batches) for h in history if bool(h[1].rolled_back)] == [40]
-    assert bool(rstate.gave_up)
-    frozen = history[-1][0]
+        every=3, warmup_steps=3, patience=2, alarm_steps=2, max_rollbacks=2,
+        on_give_up=on_give_up,
+    )  # fmt: skip
+    step = recovery.wrap(train_step, donate=False)
+    state = initial_state()
+    rstate = recovery.init(state)
+    history = []
+    for bad in [0.0] * 6 + [np.nan] * n_nan:
+        state, rstate, _ = step(state, rstate, jnp.float32(bad))
+        jax.block_until_ready(rstate)  # so that the next call finds the flag computed
+        history.append(rstate)
+    return recovery, step, state, rstate, history
+
+
+def test_repeated_rollbacks_double_the_skip_then_give_up():
+    recovery, _, _, rstate, history = give_up_run("ignore", n_nan=8)
+    skips = [int(r.skip_batches) for r in history if bool(r.rolled_back)]
+    assert skips == [20, 40]
+    assert bool(rstate.gave_up) and int(rstate.rollbacks_total) == 2
     with pytest.raises(SpikeRecoveryError, match=r"gave up at step \d+: loss nan"):
         recovery.check(rstate)
-    state, rstate, _ = run(recovery, [0.0] * 3, state, rstate)
-    assert_bit_identical(jax.device_get(state), frozen)  # frozen at the last good snapshot
 
 
-def test_giving_up_raises_from_the_step_by_default():
-    recovery = spike_recovery(every=3, warmup_steps=3, patience=1, alarm_steps=1, max_rollbacks=1)
-    state, rstate, _ = run(recovery, [0.0] * 5 + [np.nan])
-    with pytest.raises(Exception, match="spike_recovery gave up"):
-        run(recovery, [np.nan], state, rstate)
-        jax.effects_barrier()
+def test_giving_up_raises_at_the_next_call_with_the_state_intact():
+    *_, history = give_up_run("ignore", n_nan=8)
+    last = next(i for i, r in enumerate(history) if bool(r.gave_up))
+    _, step, state, rstate, _ = give_up_run("raise", n_nan=last - 5)  # stops at the give-up
+    assert bool(rstate.gave_up)
+    kept = jax.device_get(state)
+    with pytest.raises(SpikeRecoveryError, match="after 2 rollbacks within 1000 steps"):
+        step(state, rstate, jnp.float32(0.0))
+    assert_bit_identical(jax.device_get(state), kept)  # nothing was consumed
+
+
+def test_giving_up_warns_once_and_stays_frozen():
+    *_, frozen, _, _ = give_up_run("ignore", n_nan=8)
+    with pytest.warns(RuntimeWarning, match="spike_recovery gave up at step") as record:
+        _, step, state, rstate, _ = give_up_run("warn", n_nan=8)
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            state, rstate, _ = step(state, rstate, jnp.float32(0.0))
+    assert_bit_identical(jax.device_get(state), jax.device_get(frozen))
 
 
 def test_a_loop_that_ignores_giving_up_can_still_check():
-    recovery = spike_recovery(
-        every=3, warmup_steps=3, patience=1, alarm_steps=1, max_rollbacks=1, on_give_up="ignore"
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _, rstate, _ = run(recovery, [0.0] * 5 + [np.nan] * 2)
+        recovery, step, state, rstate, _ = give_up_run("ignore", n_nan=8)
+        state, rstate, _ = step(state, rstate, jnp.float32(0.0))
     assert bool(rstate.gave_up)
     with pytest.raises(SpikeRecoveryError):
         recovery.check(rstate)
@@ -232,7 +255,7 @@ def test_learning_rate_backoff_reaches_the_step_and_reinit_the_restored_state():
 
     state = initial_state()
     rstate = recovery.init(state)
-    wrapped = recovery.wrap(step)
+    wrapped = recovery.wrap(step, jit=False)  # eagerly: ``seen`` records every call
     scales = []
     for bad in [0.0] * 7 + [np.nan] + [0.0] * 6:
         state, rstate, _ = wrapped(state, rstate, jnp.float32(bad))
@@ -247,7 +270,9 @@ class WrapVariantsTest(chex.TestCase):
     def test_wrap_with_and_without_jit(self):
         recovery = spike_recovery(every=2, warmup_steps=2, patience=2, alarm_steps=2)
         step = self.variant(
-            recovery.wrap(lambda s, x: ({"w": s["w"] + x}, jnp.sum(s["w"] ** 2) + x))
+            recovery.wrap(
+                lambda s, x: ({"w": s["w"] + x}, jnp.sum(s["w"] ** 2) + x), jit=False
+            )
         )
         state = {"w": jnp.ones(2)}
         rstate = recovery.init(state)
@@ -259,7 +284,7 @@ class WrapVariantsTest(chex.TestCase):
 
 def test_has_aux_returns_the_aux():
     recovery = spike_recovery()
-    step = jax.jit(recovery.wrap(lambda s: (s, (jnp.float32(2.0), {"acc": 1})), has_aux=True))
+    step = recovery.wrap(lambda s: (s, (jnp.float32(2.0), {"acc": 1})), has_aux=True)
     state = {"w": jnp.ones(2)}
     _, _, (loss, aux) = step(state, recovery.init(state))
     assert float(loss) == 2.0 and int(aux["acc"]) == 1
@@ -301,7 +326,7 @@ def test_batch_norm_statistics_are_restored_with_a_flax_train_state():
         return state, loss
 
     recovery = spike_recovery(every=5, warmup_steps=5)
-    wrapped = jax.jit(recovery.wrap(step))
+    wrapped = recovery.wrap(step)
     rstate = recovery.init(state)
     xs = jax.random.normal(jax.random.key(1), (12, 8, 3))
     for i, x in enumerate(xs):
@@ -342,7 +367,7 @@ def test_external_snapshots_in_orbax_give_the_same_run(tmp_path):
     want, want_r, _ = run(spike_recovery(**kwargs), bads, state=raw_key)
     assert int(want_r.rollbacks_total) == 1
     recovery = spike_recovery(**kwargs, snapshots="external")
-    step = jax.jit(recovery.wrap(train_step))
+    step = recovery.wrap(train_step)
     with ocp.CheckpointManager(tmp_path / "snapshots") as manager:
         snaps = OrbaxSnapshots(manager)
         state = raw_key
@@ -421,7 +446,7 @@ def test_a_loss_that_is_not_a_scalar_is_named(shape):
     with pytest.raises(ValueError, match=r"loss must be a scalar \(shape \(\)\)"):
         recovery.update(jnp.ones(shape), state, state, rstate)
     with pytest.raises(ValueError, match=r"loss must be a scalar"):
-        jax.jit(recovery.wrap(lambda s: (s, jnp.ones(shape))))(state, rstate)
+        recovery.wrap(lambda s: (s, jnp.ones(shape)))(state, rstate)
 
 
 def test_a_state_that_changes_structure_is_named():
@@ -433,9 +458,9 @@ def test_a_state_that_changes_structure_is_named():
     with pytest.raises(ValueError, match="shapes and dtypes"):
         recovery.update(jnp.float32(1), {"w": jnp.ones(3)}, {"w": jnp.ones(3)}, rstate)
     with pytest.raises(ValueError, match="same tree structure"):
-        jax.jit(recovery.wrap(lambda s: ({"w": s["w"], "x": 1.0}, jnp.float32(1))))(state, rstate)
+        recovery.wrap(lambda s: ({"w": s["w"], "x": 1.0}, jnp.float32(1)))(state, rstate)
     with pytest.raises(TypeError, match=r"return \(new_state, loss\)"):
-        jax.jit(recovery.wrap(lambda s: s))(state, rstate)
+        recovery.wrap(lambda s: s)(state, rstate)
 
 
 @pytest.mark.multidevice
@@ -447,9 +472,7 @@ def test_snapshots_and_restored_state_keep_their_sharding():
     sharding = NamedSharding(mesh, P("d"))
     state = {"w": jax.device_put(jnp.arange(16.0), sharding)}
     recovery = spike_recovery(every=2, warmup_steps=2, patience=1, alarm_steps=1)
-    step = jax.jit(
-        recovery.wrap(lambda s, scale: ({"w": s["w"] * 0.9}, scale * jnp.sum(s["w"] ** 2)))
-    )
+    step = recovery.wrap(lambda s, scale: ({"w": s["w"] * 0.9}, scale * jnp.sum(s["w"] ** 2)))
     rstate = jax.jit(recovery.init)(state)
     kept = {}
     for i, scale in enumerate([1.0] * 5 + [np.nan]):
