@@ -56,7 +56,7 @@ class OrbaxSnapshots:
                 f"manager must be an orbax.checkpoint.CheckpointManager, got {manager!r}"
             )
         self._ocp, self.manager = ocp, manager
-        self._abstract = None
+        self._abstract = self._recovery = None
         self._saved: set[int] = set()
 
     def _save(self, step: int, state) -> None:
@@ -66,14 +66,17 @@ class OrbaxSnapshots:
     def init(self, state, recovery) -> SpikeRecoveryState:
         """``recovery.init(state)``, with ``state`` saved as snapshot 0."""
         self._abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, state)
+        self._recovery = recovery
         self._save(0, state)
         return recovery.init(state)
 
     def after_step(self, state, rstate: SpikeRecoveryState) -> Any:
         """Saves ``state`` when the step took a snapshot; returns the restored snapshot when it
-        rolled back, else ``state``."""
+        rolled back, else ``state``. Raises :class:`jaxstab.SpikeRecoveryError` once the
+        controller has given up (the host looks at its flags here anyway)."""
         if self._abstract is None:
             raise ValueError("call OrbaxSnapshots.init(state, recovery) before after_step")
+        self._recovery.check(rstate)
         if bool(rstate.snapshot_taken):
             self._save(int(rstate.step), state)
         restored = int(rstate.restored_step)
