@@ -68,6 +68,7 @@ class SpikeRecoveryState(NamedTuple):
     pending: jax.Array  # int32, the slot written last step and awaiting its verdict; -1: none
     stats: _stats.RobustLevel  # centre and spread of accepted log-losses
     recent: jax.Array  # int32 bit mask: bit i set when the step i steps ago was out of range
+    fast: jax.Array  # float32, EMA over about ``patience`` steps of every finite log-loss
     step: jax.Array  # int32, calls of the step so far (skipped and undone ones included)
     since_snapshot: jax.Array  # int32, accepted steps since the last snapshot
     rollback_steps: jax.Array  # int32 (max_rollbacks,), steps of the latest rollbacks
@@ -154,6 +155,7 @@ def spike_recovery(
     keep: int = 2,
     z_skip: float = 10.0,
     z_alarm: float = 4.0,
+    z_drift: float | None = 2.0,
     patience: int = 16,
     alarm_steps: int = 6,
     decay: float = 0.99,
@@ -201,13 +203,19 @@ def spike_recovery(
     first ``warmup_steps`` finite steps. A step is *out of range* when its loss is non-finite
     or its log lies more than ``z_alarm`` spreads above the centre, and *skipped* when non-finite
     or more than ``z_skip`` spreads above (a loss ``exp(z_skip * spread)`` times the typical one:
-    with the defaults and a spread of 0.3, 20x). During warm-up only non-finite losses count.
+    with the defaults and a spread of 0.3, 20x). The *recent level*, an EMA over about
+    ``patience`` steps of every finite log-loss (skipped ones too, clipped at ``z_alarm``
+    spreads), catches a lasting rise that no single step shows (with ``patience >= 4`` one step
+    cannot move it ``z_drift = 2`` spreads).
+    On healthy runs of four kinds (``benchmarks/recovery_health.py``) single steps reached 5.7
+    spreads and the recent level 1.1. During warm-up only non-finite losses count.
     A loss ``<= 0`` has no logarithm and counts as in range (shift a loss that can be negative).
 
     **Tiers.** A skipped step returns the old state, bit for bit, as if it never happened (its
     RNG key and counters too, so a stateful schedule does not advance). A rollback happens when
-    ``alarm_steps`` of the last ``patience`` steps were out of range: trouble that persists, or
-    a skip tier that keeps firing (parameters already damaged, a burst of bad data). It restores
+    ``alarm_steps`` of the last ``patience`` steps were out of range, or the recent level is more
+    than ``z_drift`` spreads above the centre: trouble that persists, or a skip tier that keeps
+    firing (parameters already damaged, a burst of bad data). It restores
     the newest snapshot at least ``patience`` steps old (before the evidence began), else the
     oldest; newer snapshots are dropped. The step reports ``rolled_back``, ``steps_lost`` and
     ``skip_batches``: the loop should skip that many batches, doubled on each rollback before a
@@ -251,6 +259,8 @@ def spike_recovery(
       keep: snapshots kept; an int ``>= 2`` (one stays confirmed while the newest awaits).
       z_skip: spreads of log-loss above the centre beyond which a step is skipped; ``> 0``.
       z_alarm: spreads above the centre beyond which a step is out of range; ``(0, z_skip]``.
+      z_drift: spreads above the centre beyond which the recent level of the loss (an EMA over
+        about ``patience`` steps) triggers a rollback; ``(0, z_alarm]``, or None for none.
       patience: the window of the rollback test, in steps; an int in ``[1, 31]``.
       alarm_steps: out-of-range steps within ``patience`` that trigger a rollback; an int in
         ``[1, patience]``.
@@ -316,6 +326,8 @@ def spike_recovery(
     _checks.check_range("alarm_steps", alarm_steps, high=patience)
     _checks.check_range("z_skip", z_skip, low=0, low_open=True)
     _checks.check_range("z_alarm", z_alarm, low=0, high=z_skip, low_open=True)
+    if z_drift is not None:
+        _checks.check_range("z_drift", z_drift, low=0, high=z_alarm, low_open=True)
     _checks.check_range("decay", decay, low=0, high=1, high_open=True)
     if lr_backoff is not None:
         _checks.check_range("lr_backoff", lr_backoff, low=0, high=1, low_open=True)
@@ -343,6 +355,7 @@ def spike_recovery(
             pending=i32(-1),
             stats=_stats.robust_init(),
             recent=i32(0),
+            fast=zero(jnp.float32),
             step=i32(0),
             since_snapshot=i32(0),
             rollback_steps=jnp.full((max_rollbacks,), _NEVER, jnp.int32),
@@ -378,6 +391,16 @@ def spike_recovery(
         out = ~finite | (y > alarm_limit)
         recent = ((rs.recent << 1) | out.astype(jnp.int32)) & window_mask
         in_range = jax.lax.population_count(recent) < alarm_steps
+        # The recent level: every finite log-loss, skipped ones too, clipped to z_alarm spreads
+        # (a non-finite one is left to the count above); it follows the centre until warm-up.
+        ready = _stats.ready(rs.stats, warmup_steps)
+        center, band = rs.stats.center, alarm_limit - rs.stats.center
+        y_in = jnp.clip(y, center - band, center + band)
+        fast = rs.fast + (2 / (patience + 1)) * (y_in - rs.fast)
+        fast = jnp.where(ready, jnp.where(finite, fast, rs.fast), center)
+        if z_drift is not None:
+            drift_limit = _stats.robust_limit(rs.stats, z_drift, warmup_steps)
+            in_range &= ~(fast > drift_limit)
 
         in_window = jnp.sum((rs.rollback_steps > step - window).astype(jnp.int32))
         gave_up = rs.gave_up | (~in_range & (in_window >= max_rollbacks))
@@ -426,6 +449,7 @@ def spike_recovery(
                 accept=accepted & (loss > 0),
             ),
             recent=jnp.where(rollback, 0, recent),
+            fast=jnp.where(rollback, center, fast),
             step=step,
             since_snapshot=jnp.where(take, 0, since),
             rollback_steps=jnp.where(

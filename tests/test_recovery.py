@@ -231,6 +231,28 @@ def test_heavy_tailed_healthy_losses_are_neither_skipped_nor_rolled_back():
     assert float(jnp.exp(rstate.stats.center)) == pytest.approx(level[-1], rel=0.5)
 
 
+def drift_run(z_drift):
+    """Losses with a log-spread of 0.1 that rise for good by 2.5 spreads at step 300."""
+    recovery = spike_recovery(every=50, z_drift=z_drift)
+    rng = np.random.default_rng(1)
+    y = 0.1 * rng.standard_normal(400) + np.where(np.arange(400) >= 300, 0.25, 0.0)
+    losses = jnp.asarray(np.exp(y), jnp.float32)
+    state = {"w": jnp.zeros(2)}
+
+    def body(rstate, loss):
+        _, rstate = recovery.update(loss, state, state, rstate)
+        return rstate, rstate.rolled_back
+
+    _, rolled = jax.lax.scan(body, recovery.init(state), losses)
+    return np.flatnonzero(np.asarray(rolled))
+
+
+def test_a_lasting_rise_that_no_step_shows_rolls_back():
+    (at, *_) = drift_run(2.0)
+    assert 300 <= at < 330
+    assert not any(300 <= t < 330 for t in drift_run(None))
+
+
 def test_non_positive_losses_are_in_range():
     recovery = spike_recovery(every=5, warmup_steps=3, patience=2, alarm_steps=1)
     state = {"w": jnp.zeros(2)}
@@ -268,12 +290,8 @@ def test_learning_rate_backoff_reaches_the_step_and_reinit_the_restored_state():
 class WrapVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_wrap_with_and_without_jit(self):
-        recovery = spike_recovery(every=2, warmup_steps=2, patience=2, alarm_steps=2)
-        step = self.variant(
-            recovery.wrap(
-                lambda s, x: ({"w": s["w"] + x}, jnp.sum(s["w"] ** 2) + x), jit=False
-            )
-        )
+        recovery = spike_recovery(every=2, warmup_steps=2, patience=4, alarm_steps=2)
+        step = self.variant(recovery.wrap(lambda s, x: ({"w": s["w"] + x}, x + 1.0), jit=False))
         state = {"w": jnp.ones(2)}
         rstate = recovery.init(state)
         for x in [1.0, 1.0, 1.0, np.nan, 1.0]:
