@@ -14,6 +14,8 @@ from jaxstab.batchnorm import BatchNormConfig, BatchStats, batch_norm
 from jaxstab.batchnorm._config import module_config
 from jaxstab.batchnorm._renorm import Limit
 
+REPORT = "batch_norm_report"  # the collection where a training call reports refused updates
+
 
 class BatchNorm(nn.Module):
     """Batch normalization, a drop-in for ``flax.linen.BatchNorm`` that is right where it is not.
@@ -30,6 +32,14 @@ class BatchNorm(nn.Module):
       sums of squares -- not a mean of per-device means.
     - Statistics, running averages and normalization in float32 whatever ``dtype``; only the
       output is cast.
+    - **Running statistics one bad batch cannot poison**: a feature whose batch statistics are
+      not finite (NaN or Inf input, or a variance past float32 such as from 1e30) keeps its
+      running mean and variance (flax's turn NaN for good). A training call reports how many
+      features that was as ``nonfinite`` in the collection ``jaxstab.linen.REPORT``
+      (``"batch_norm_report"``), when the caller makes it mutable::
+
+        y, updates = model.apply(variables, x, mutable=["batch_stats", REPORT])
+        updates[REPORT]  # {"BatchNorm_0": {"nonfinite": Array(0, dtype=int32)}, ...}
 
     And more: Batch Renormalization (``renorm``), ghost batches (``virtual_batch_size``),
     PyTorch's unbiased running variance, tuple ``axis``, errors that name the bad argument.
@@ -144,7 +154,7 @@ class BatchNorm(nn.Module):
         initializing = self.is_initializing()
         if initializing:  # as flax: init runs outside any mapped axis, on any batch
             config = dataclasses.replace(config, axis_name=None, virtual_batch_size=None)
-        y, new = batch_norm(
+        y, new, nonfinite = batch_norm(
             x,
             BatchStats(mean.value, var.value, None if step is None else step.value),
             scale,
@@ -157,12 +167,14 @@ class BatchNorm(nn.Module):
             stats_dtype=None
             if self.force_float32_reductions
             else (x.dtype if self.dtype is None else self.dtype),
+            report=True,
         )
         if not (use_running_average or initializing):
             mean.value, var.value = new.mean, new.var
             if step is not None:
                 step.value = new.step
+            self.sow(REPORT, "nonfinite", nonfinite, init_fn=lambda: 0, reduce_fn=lambda _, n: n)
         return y
 
 
-__all__ = ["BatchNorm"]
+__all__ = ["REPORT", "BatchNorm"]

@@ -22,6 +22,12 @@ _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
 
 
+class BatchNormReport(nnx.Variable):
+    """How many features of the last training call kept their running statistics because the
+    batch statistics were not finite (``BatchNorm(..., report=True)``; not an ``nnx.BatchStat``,
+    so ``nnx.state(model, nnx.BatchStat)`` is flax's)."""
+
+
 class BatchNorm(nnx.Module):
     """Batch normalization for nnx, a drop-in for ``flax.nnx.BatchNorm`` that is right.
 
@@ -61,6 +67,9 @@ class BatchNorm(nnx.Module):
         count training steps in an ``nnx.BatchStat`` ``step``.
       virtual_batch_size: ghost batch norm (Hoffer et al. 2017).
       unbiased_running_var: keep the running variance unbiased (``n / (n - 1)``), as PyTorch.
+      report: keep a :class:`BatchNormReport` ``nonfinite``: how many features the last training
+        call left untouched because their batch statistics were not finite (they always are
+        left untouched; this only counts them). Off by default: it adds a leaf to the state.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -105,6 +114,7 @@ class BatchNorm(nnx.Module):
         d_max: Limit = 5.0,
         virtual_batch_size: int | None = None,
         unbiased_running_var: bool = False,
+        report: bool = False,
     ):
         # The core's options, taken from the arguments by name and checked: a static attribute.
         self.config = module_config(locals())
@@ -116,6 +126,9 @@ class BatchNorm(nnx.Module):
                 f"got {num_features!r}"
             )
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.nonfinite: BatchNormReport | None = nnx.data(None)  # opt-in: a new state leaf
+        if report:
+            self.nonfinite = BatchNormReport(jnp.zeros((), jnp.int32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
         self.step: nnx.BatchStat[jax.Array] | None = nnx.data(None)
         if self.config.counts_steps:
@@ -177,7 +190,7 @@ class BatchNorm(nnx.Module):
         )
         operands = (x, stats.mean, stats.var, scale, bias)
         promoted = jax.eval_shape(lambda ops: self.promote_dtype(ops, dtype=self.dtype), operands)
-        y, new = batch_norm(
+        y, new, nonfinite = batch_norm(
             x,
             stats,
             scale,
@@ -186,9 +199,12 @@ class BatchNorm(nnx.Module):
             use_running_average=use_running_average,
             mask=mask,
             dtype=promoted[0].dtype,
+            report=True,
         )
         if not use_running_average:
             self.mean[...], self.var[...] = new.mean, new.var
+            if self.nonfinite is not None:
+                self.nonfinite[...] = nonfinite
             if self.step is not None:
                 self.step[...] = new.step
         return y
@@ -204,4 +220,4 @@ class BatchNorm(nnx.Module):
             self.use_running_average = use_running_average
 
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "BatchNormReport"]

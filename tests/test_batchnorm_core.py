@@ -563,3 +563,60 @@ assert abs(float(y[0, 0]) + 1) < 1e-5, y
 assert not [m for m in sys.modules if m.split(".")[0] == "flax" and sys.modules[m]]
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+# --------------------------------------------------------------------------------------------
+# Running statistics one bad batch cannot poison
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "bad", [np.nan, np.inf, -np.inf, 1e30, -3e38], ids=["nan", "inf", "-inf", "1e30", "-3e38"]
+)
+def test_a_bad_feature_keeps_its_running_statistics_and_the_others_update(bad, jit):
+    x = np.random.default_rng(0).normal(2.0, 3.0, (16, 3)).astype(np.float32)
+    x[5, 1] = bad
+    stats = core.BatchStats(jnp.array([0.5, -1.0, 2.0]), jnp.array([1.0, 4.0, 0.25]))
+    fn = functools.partial(core.batch_norm, momentum=0.9, report=True)
+    y, new, nonfinite = (jax.jit(fn) if jit else fn)(jnp.asarray(x), stats)
+    assert int(nonfinite) == 1
+    np.testing.assert_array_equal(new.mean[1], stats.mean[1])  # bit for bit
+    np.testing.assert_array_equal(new.var[1], stats.var[1])
+    want_mean = 0.9 * np.array(stats.mean) + 0.1 * x.mean(0)
+    np.testing.assert_allclose(np.asarray(new.mean)[[0, 2]], want_mean[[0, 2]], rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(y)[:, [0, 2]]))
+    if np.isfinite(bad):  # finite input: finite output everywhere
+        assert np.all(np.isfinite(np.asarray(y)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_overflowing_half_precision_input_keeps_the_running_statistics(dtype):
+    x = jnp.asarray(np.random.default_rng(1).normal(0, 1, (8, 2)), dtype).at[0, 0].set(jnp.inf)
+    stats = core.BatchStats(jnp.zeros(2), jnp.ones(2))
+    _, new, nonfinite = core.batch_norm(x, stats, momentum=0.9, report=True)
+    assert int(nonfinite) == 1 and new.mean.dtype == jnp.float32
+    assert float(new.mean[0]) == 0.0 and float(new.var[0]) == 1.0
+    assert float(new.var[1]) != 1.0
+
+
+def test_masked_nan_is_ignored_and_ghost_batches_with_a_nan_keep_the_feature():
+    x = np.random.default_rng(2).normal(0, 1, (8, 2)).astype(np.float32)
+    x[0, 0] = np.nan
+    stats = core.BatchStats(jnp.zeros(2), jnp.ones(2))
+    mask = np.ones((8, 2), bool)
+    mask[0, 0] = False  # masked positions may hold anything
+    _, new, nonfinite = core.batch_norm(jnp.asarray(x), stats, mask=mask, report=True)
+    assert int(nonfinite) == 0 and bool(jnp.all(jnp.isfinite(new.mean)))
+    _, new, nonfinite = core.batch_norm(
+        jnp.asarray(x), stats, virtual_batch_size=4, report=True
+    )
+    assert int(nonfinite) == 1
+    assert float(new.mean[0]) == 0.0 and float(new.mean[1]) != 0.0
+
+
+def test_report_is_zero_in_inference_and_the_default_returns_a_pair():
+    x = jnp.ones((4, 2)).at[0, 0].set(jnp.nan)
+    stats = core.BatchStats(jnp.zeros(2), jnp.ones(2))
+    assert len(core.batch_norm(x, stats)) == 2
+    _, kept, nonfinite = core.batch_norm(x, stats, use_running_average=True, report=True)
+    assert int(nonfinite) == 0 and kept is stats

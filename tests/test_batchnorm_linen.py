@@ -357,3 +357,25 @@ def test_single_element_per_feature_in_training_is_an_error():
     variables = model.init(jax.random.key(0), jnp.ones((1, 3)))  # init with one example is fine
     with pytest.raises(ValueError, match="more than one element per feature"):
         model.apply(variables, jnp.ones((1, 3)), mutable=["batch_stats"])
+
+
+def test_a_nan_batch_does_not_poison_running_statistics_and_is_reported():
+    model = jaxstab.linen.BatchNorm(use_running_average=False, momentum=0.9)
+    x = normal(0, (8, 3))
+    variables = model.init(jax.random.key(0), x)
+    bad = x.at[2, 1].set(jnp.nan)
+    _, upd = jax.jit(
+        lambda v, x: model.apply(v, x, mutable=["batch_stats", jaxstab.linen.REPORT])
+    )(variables, bad)
+    assert int(upd[jaxstab.linen.REPORT]["nonfinite"]) == 1
+    stats = upd["batch_stats"]
+    assert float(stats["mean"][1]) == 0.0 and float(stats["var"][1]) == 1.0
+    assert bool(jnp.all(jnp.isfinite(stats["mean"]))) and float(stats["mean"][0]) != 0.0
+    # flax's turns NaN for good
+    flax_model = fnn.BatchNorm(use_running_average=False, momentum=0.9)
+    _, flax_upd = flax_model.apply(flax_model.init(jax.random.key(0), x), bad,
+                                   mutable=["batch_stats"])  # fmt: skip
+    assert bool(jnp.isnan(flax_upd["batch_stats"]["mean"][1]))
+    # without the collection mutable nothing is reported, as with any sow
+    _, upd = model.apply(variables, bad, mutable=["batch_stats"])
+    assert set(upd) == {"batch_stats"}

@@ -347,3 +347,17 @@ def test_nnx_config_is_static_and_options_read_and_write_as_attributes():
     assert model.momentum == 0.5
     with pytest.raises(AttributeError, match="no attribute 'momentom'"):
         model.momentom  # noqa: B018
+
+
+def test_a_nan_batch_does_not_poison_running_statistics_and_is_reported():
+    bn = jaxstab.nnx.BatchNorm(3, momentum=0.9, report=True, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 1, (8, 3)), jnp.float32)
+    nnx.jit(lambda m, x: m(x))(bn, x.at[2, 1].set(jnp.inf))
+    assert int(bn.nonfinite[...]) == 1
+    assert float(bn.mean[1]) == 0.0 and float(bn.var[1]) == 1.0 and float(bn.mean[0]) != 0.0
+    bn(x)
+    assert int(bn.nonfinite[...]) == 0
+    plain = jaxstab.nnx.BatchNorm(3, rngs=nnx.Rngs(0))  # the default adds no state leaf
+    flax_bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    assert jax.tree.structure(nnx.state(plain)) == jax.tree.structure(nnx.state(flax_bn))
+    assert isinstance(bn.nonfinite, jaxstab.nnx.BatchNormReport)

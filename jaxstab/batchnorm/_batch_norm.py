@@ -66,15 +66,20 @@ def batch_norm(
     mask: jax.Array | None = None,
     dtype: Any = None,
     stats_dtype: Any = None,
+    report: bool = False,
     **options: Any,
-) -> tuple[jax.Array, BatchStats]:
+) -> tuple[jax.Array, BatchStats] | tuple[jax.Array, BatchStats, jax.Array]:
     """Batch normalization of ``x``: the output and the updated running statistics.
 
     Training (``use_running_average=False``) normalizes with this batch's statistics,
     ``y = (x - mean_B) / sqrt(var_B + epsilon) * scale + bias``, and moves the running averages
     ``running = momentum * running + (1 - momentum) * batch``. Inference normalizes with the
-    running statistics and returns ``stats`` unchanged. Statistics and normalization run in
-    float32 at least (``stats_dtype``); only the output is cast to ``dtype``.
+    running statistics and returns ``stats`` unchanged. A feature whose batch statistics are not
+    finite (a NaN or Inf in the batch, or finite values whose variance float32 cannot hold, such
+    as 1e30) keeps its running mean and variance bit for bit: one bad batch cannot poison them
+    (flax's turn NaN for good); ``report=True`` also returns how many features that was.
+    Statistics and normalization run in float32 at least (``stats_dtype``); only the output is
+    cast to ``dtype``.
 
     The layer's options (``axis``, ``momentum``, ``epsilon``, ``axis_name``, ``variance``,
     ``renorm``, ``virtual_batch_size``, ...) are the fields of :class:`BatchNormConfig`, which
@@ -93,10 +98,12 @@ def batch_norm(
       dtype: output dtype; default: the result type of ``x``, ``scale``, ``bias``.
       stats_dtype: dtype of statistics and normalization; default: ``dtype`` (or ``x.dtype``)
         promoted to at least float32.
+      report: also return the number of features (int32) whose running statistics this batch
+        left untouched because its statistics were not finite (0 outside training).
       **options: the fields of :class:`BatchNormConfig`, when ``config`` is not given.
 
     Returns:
-      ``(y, new_stats)``.
+      ``(y, new_stats)``, or ``(y, new_stats, nonfinite)`` with ``report``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -112,6 +119,10 @@ def batch_norm(
       >>> config = BatchNormConfig(momentum=0.9, epsilon=1e-6)  # the same, built once
       >>> batch_norm(x, stats, config=config)[1].mean
       Array([0.38, 3.8 ], dtype=float32)
+      >>> bad = jnp.array([[1.0, jnp.nan], [1e30, 30.0]])  # a NaN; a variance past float32
+      >>> _, kept, nonfinite = batch_norm(bad, stats, config=config, report=True)
+      >>> kept.mean, kept.var, int(nonfinite)  # both features keep their running statistics
+      (Array([0.2, 2. ], dtype=float32), Array([ 1. , 10.9], dtype=float32), 2)
 
     References:
       Ioffe & Szegedy, `Batch Normalization <https://arxiv.org/abs/1502.03167>`_, ICML 2015;
@@ -141,9 +152,13 @@ def batch_norm(
         stats_dtype = jnp.promote_types(x.dtype if dtype is None else dtype, jnp.float32)
     epsilon, momentum = config.epsilon, config.momentum
 
+    def done(y, new, nonfinite=None):
+        nonfinite = jnp.zeros((), jnp.int32) if nonfinite is None else nonfinite
+        return (y, new, nonfinite) if report else (y, new)
+
     if use_running_average:
         y = _normalize(x, running_mean, running_var, scale, bias, epsilon)
-        return y.astype(out_dtype), stats
+        return done(y.astype(out_dtype), stats)
 
     groups = _groups(x, feature_axes, config.virtual_batch_size)
     xg = x.reshape((groups, x.shape[0] // groups, *x.shape[1:]))
@@ -186,20 +201,21 @@ def batch_norm(
     y = _normalize(xg, batch.mean, batch.var, scale, bias, epsilon, r, d)
     y = y.reshape(x.shape).astype(out_dtype)
     if not update_stats:
-        return y, stats
+        return done(y, stats)
     if step is not None:
         step = step + 1
     mean, var, has_data = (
         v.reshape(feature_shape) for v in _group_average(batch, config.unbiased_running_var)
     )
+    finite = jnp.isfinite(mean) & jnp.isfinite(var)
     new_mean = momentum * stats.mean + (1 - momentum) * mean
     new_var = momentum * stats.var + (1 - momentum) * var
     new_stats = BatchStats(
-        lax.stop_gradient(jnp.where(has_data, new_mean, stats.mean)),
-        lax.stop_gradient(jnp.where(has_data, new_var, stats.var)),
+        lax.stop_gradient(jnp.where(has_data & finite, new_mean, stats.mean)),
+        lax.stop_gradient(jnp.where(has_data & finite, new_var, stats.var)),
         step,
     )
-    return y, new_stats
+    return done(y, new_stats, jnp.sum(has_data & ~finite, dtype=jnp.int32))
 
 
 def _groups(x: jax.Array, feature_axes: tuple[int, ...], virtual_batch_size: int | None) -> int:

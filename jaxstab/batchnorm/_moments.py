@@ -89,7 +89,10 @@ def moments(
         and complex stay).
 
     Returns:
-      :class:`Moments` ``(mean, var, count)`` with size-1 dimensions at ``axes``.
+      :class:`Moments` ``(mean, var, count)`` with size-1 dimensions at ``axes``. A variance
+      whose mean square is past the dtype's range (entries about 1.8e19 or more from the shift,
+      in float32) is +inf, never NaN: normalizing by it gives 0, and ``batch_norm`` leaves the
+      running statistics of that feature untouched.
 
     Example:
       >>> import jax.numpy as jnp
@@ -147,7 +150,9 @@ def moments(
         safe_n = jnp.maximum(n, 1)
         m1 = s1 / safe_n
         mean = m1 if shift is None else shift + m1
-        return mean, jnp.maximum(s2 / safe_n - _abs_sq(m1), 0), n
+        # Past float32's range the mean square is +inf and so is the variance (not inf - inf)
+        ms = s2 / safe_n
+        return mean, jnp.where(jnp.isinf(ms), ms, jnp.maximum(ms - _abs_sq(m1), 0)), n
 
     @mean_var_count.defjvp
     def mean_var_count_jvp(primals, tangents):
