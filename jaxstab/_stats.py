@@ -161,9 +161,14 @@ def robust_init() -> RobustLevel:
     return RobustLevel(jnp.zeros((), jnp.int32), zero(), zero())
 
 
+def robust_spread(stats: RobustLevel) -> jax.Array:
+    """The spread used in limits: at least ``MIN_SPREAD``."""
+    return jnp.maximum(stats.spread, MIN_SPREAD)
+
+
 def robust_limit(stats: RobustLevel, z, warmup_steps) -> jax.Array:
-    """``center + z * max(spread, MIN_SPREAD)``; +inf during warm-up."""
-    limit = stats.center + as_f32(z) * jnp.maximum(stats.spread, MIN_SPREAD)
+    """``center + z * robust_spread``; +inf during warm-up."""
+    limit = stats.center + as_f32(z) * robust_spread(stats)
     return jnp.where(ready(stats, warmup_steps), limit, jnp.inf)
 
 

@@ -68,7 +68,8 @@ class SpikeRecoveryState(NamedTuple):
     pending: jax.Array  # int32, the slot written last step and awaiting its verdict; -1: none
     stats: _stats.RobustLevel  # centre and spread of accepted log-losses
     recent: jax.Array  # int32 bit mask: bit i set when the step i steps ago was out of range
-    fast: jax.Array  # float32, EMA over about ``patience`` steps of every finite log-loss
+    drift: jax.Array  # float32, the CUSUM of log-losses above the centre, in spreads
+    onset: jax.Array  # int32, the step the current rise of ``drift`` began
     step: jax.Array  # int32, calls of the step so far (skipped and undone ones included)
     since_snapshot: jax.Array  # int32, accepted steps since the last snapshot
     rollback_steps: jax.Array  # int32 (max_rollbacks,), steps of the latest rollbacks
@@ -155,7 +156,8 @@ def spike_recovery(
     keep: int = 2,
     z_skip: float = 10.0,
     z_alarm: float = 4.0,
-    z_drift: float | None = 2.0,
+    drift_slack: float = 1.0,
+    drift_limit: float | None = 15.0,
     patience: int = 16,
     alarm_steps: int = 6,
     decay: float = 0.99,
@@ -203,21 +205,22 @@ def spike_recovery(
     first ``warmup_steps`` finite steps. A step is *out of range* when its loss is non-finite
     or its log lies more than ``z_alarm`` spreads above the centre, and *skipped* when non-finite
     or more than ``z_skip`` spreads above (a loss ``exp(z_skip * spread)`` times the typical one:
-    with the defaults and a spread of 0.3, 20x). The *recent level*, an EMA over about
-    ``patience`` steps of every finite log-loss (skipped ones too, clipped at ``z_alarm``
-    spreads), catches a lasting rise that no single step shows (with ``patience >= 4`` one step
-    cannot move it ``z_drift = 2`` spreads).
-    On healthy runs of four kinds (``benchmarks/recovery_health.py``) single steps reached 5.7
-    spreads and the recent level 1.1. During warm-up only non-finite losses count.
+    with the defaults and a spread of 0.3, 20x). A lasting rise that no single step shows is
+    caught by a CUSUM (Page 1954): ``drift <- max(0, drift + d - drift_slack)``, with ``d`` each
+    finite step's log-loss above the centre in spreads (skipped steps too, clipped at
+    ``z_alarm``); it exceeds ``drift_limit`` within a few steps of a rise of two spreads or more,
+    and in about ``drift_limit / (rise - drift_slack)`` steps of a smaller one. On healthy runs of
+    four kinds (``benchmarks/recovery_health.py``) single steps reached 5.7 spreads and the
+    CUSUM 7.4. During warm-up only non-finite losses count.
     A loss ``<= 0`` has no logarithm and counts as in range (shift a loss that can be negative).
 
     **Tiers.** A skipped step returns the old state, bit for bit, as if it never happened (its
     RNG key and counters too, so a stateful schedule does not advance). A rollback happens when
-    ``alarm_steps`` of the last ``patience`` steps were out of range, or the recent level is more
-    than ``z_drift`` spreads above the centre: trouble that persists, or a skip tier that keeps
-    firing (parameters already damaged, a burst of bad data). It restores
-    the newest snapshot at least ``patience`` steps old (before the evidence began), else the
-    oldest; newer snapshots are dropped. The step reports ``rolled_back``, ``steps_lost`` and
+    ``alarm_steps`` of the last ``patience`` steps were out of range, or the CUSUM passes
+    ``drift_limit``: trouble that persists, or a skip tier that keeps firing (parameters already
+    damaged, a burst of bad data). It restores the newest snapshot taken before the evidence
+    began (at least ``patience`` steps old, and older than the CUSUM's rise), else the oldest;
+    newer snapshots are dropped. The step reports ``rolled_back``, ``steps_lost`` and
     ``skip_batches``: the loop should skip that many batches, doubled on each rollback before a
     new snapshot is confirmed, so a long burst of bad data is stepped over without its length
     being known. With ``lr_backoff`` each rollback multiplies ``lr_scale`` by it (for good, or
@@ -259,8 +262,8 @@ def spike_recovery(
       keep: snapshots kept; an int ``>= 2`` (one stays confirmed while the newest awaits).
       z_skip: spreads of log-loss above the centre beyond which a step is skipped; ``> 0``.
       z_alarm: spreads above the centre beyond which a step is out of range; ``(0, z_skip]``.
-      z_drift: spreads above the centre beyond which the recent level of the loss (an EMA over
-        about ``patience`` steps) triggers a rollback; ``(0, z_alarm]``, or None for none.
+      drift_slack: spreads above the centre the CUSUM forgives each step; ``>= 0``.
+      drift_limit: the CUSUM (in spreads) that triggers a rollback; ``> 0``, or None for none.
       patience: the window of the rollback test, in steps; an int in ``[1, 31]``.
       alarm_steps: out-of-range steps within ``patience`` that trigger a rollback; an int in
         ``[1, patience]``.
@@ -326,8 +329,9 @@ def spike_recovery(
     _checks.check_range("alarm_steps", alarm_steps, high=patience)
     _checks.check_range("z_skip", z_skip, low=0, low_open=True)
     _checks.check_range("z_alarm", z_alarm, low=0, high=z_skip, low_open=True)
-    if z_drift is not None:
-        _checks.check_range("z_drift", z_drift, low=0, high=z_alarm, low_open=True)
+    _checks.check_range("drift_slack", drift_slack, low=0)
+    if drift_limit is not None:
+        _checks.check_range("drift_limit", drift_limit, low=0, low_open=True)
     _checks.check_range("decay", decay, low=0, high=1, high_open=True)
     if lr_backoff is not None:
         _checks.check_range("lr_backoff", lr_backoff, low=0, high=1, low_open=True)
@@ -355,7 +359,8 @@ def spike_recovery(
             pending=i32(-1),
             stats=_stats.robust_init(),
             recent=i32(0),
-            fast=zero(jnp.float32),
+            drift=zero(jnp.float32),
+            onset=i32(0),
             step=i32(0),
             since_snapshot=i32(0),
             rollback_steps=jnp.full((max_rollbacks,), _NEVER, jnp.int32),
@@ -391,16 +396,16 @@ def spike_recovery(
         out = ~finite | (y > alarm_limit)
         recent = ((rs.recent << 1) | out.astype(jnp.int32)) & window_mask
         in_range = jax.lax.population_count(recent) < alarm_steps
-        # The recent level: every finite log-loss, skipped ones too, clipped to z_alarm spreads
-        # (a non-finite one is left to the count above); it follows the centre until warm-up.
-        ready = _stats.ready(rs.stats, warmup_steps)
-        center, band = rs.stats.center, alarm_limit - rs.stats.center
-        y_in = jnp.clip(y, center - band, center + band)
-        fast = rs.fast + (2 / (patience + 1)) * (y_in - rs.fast)
-        fast = jnp.where(ready, jnp.where(finite, fast, rs.fast), center)
-        if z_drift is not None:
-            drift_limit = _stats.robust_limit(rs.stats, z_drift, warmup_steps)
-            in_range &= ~(fast > drift_limit)
+        # CUSUM of every finite log-loss, skipped ones too, clipped to z_alarm spreads (a
+        # non-finite one is left to the count above); 0 until warm-up ends.
+        spread = _stats.robust_spread(rs.stats)
+        d = jnp.clip((y - rs.stats.center) / spread, -z_alarm, z_alarm)
+        drift = jnp.maximum(rs.drift + d - _stats.as_f32(drift_slack), 0.0)
+        drift = jnp.where(_stats.ready(rs.stats, warmup_steps) & finite & (loss > 0), drift,
+                          jnp.where(finite, 0.0, rs.drift))  # fmt: skip
+        onset = jnp.where((rs.drift == 0) & (drift > 0), step, rs.onset)
+        if drift_limit is not None:
+            in_range &= ~(drift > _stats.as_f32(drift_limit))
 
         in_window = jnp.sum((rs.rollback_steps > step - window).astype(jnp.int32))
         gave_up = rs.gave_up | (~in_range & (in_window >= max_rollbacks))
@@ -415,7 +420,8 @@ def spike_recovery(
         streak = jnp.where(jnp.any(is_pending) & ~skip & ~rollback, 0, rs.streak)
 
         valid = confirmed & (snapshot_step >= 0)
-        aged = valid & (snapshot_step <= step - patience)
+        before = jnp.minimum(step - patience, jnp.where(drift > 0, onset - 1, step))
+        aged = valid & (snapshot_step <= before)
         newest_aged = jnp.argmax(jnp.where(aged, snapshot_step, -2))
         oldest = jnp.argmin(jnp.where(valid, snapshot_step, jnp.iinfo(jnp.int32).max))
         target = jnp.where(jnp.any(aged), newest_aged, oldest)
@@ -449,7 +455,8 @@ def spike_recovery(
                 accept=accepted & (loss > 0),
             ),
             recent=jnp.where(rollback, 0, recent),
-            fast=jnp.where(rollback, center, fast),
+            drift=jnp.where(rollback, 0.0, drift),
+            onset=onset,
             step=step,
             since_snapshot=jnp.where(take, 0, since),
             rollback_steps=jnp.where(
