@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxstab import _checks, _inplace, _stats
-from jaxstab.telemetry import telemetry_state
+from jaxstab import _recovery_judge as _judge
+from jaxstab._recovery_judge import SpikeRecoveryState
 
-_NEVER = np.iinfo(np.int32).min // 2  # "no rollback yet": older than any window
 _ON_GIVE_UP = ("raise", "warn", "ignore")
 _PLACES = ("device", "pinned_host", "external")
 _CHECK_EVERY = 64  # calls of a wrapped step between checks of ``gave_up`` that wait for it
@@ -38,56 +38,6 @@ _CHECK_EVERY = 64  # calls of a wrapped step between checks of ``gave_up`` that 
 
 class SpikeRecoveryError(RuntimeError):
     """Raised once the controller has given up (see ``on_give_up`` of :func:`spike_recovery`)."""
-
-
-@telemetry_state(
-    "spike_recovery",
-    (
-        "loss",
-        "threshold",
-        "skipped",
-        "snapshot_taken",
-        "restored_step",
-        "skipped_total",
-        "rolled_back",
-        "rollbacks_total",
-        "skip_batches",
-        "steps_lost",
-        "steps_lost_total",
-        "lr_scale",
-        "gave_up",
-    ),
-    opaque=("snapshots",),
-)
-class SpikeRecoveryState(NamedTuple):
-    """State of :func:`spike_recovery`: snapshots, loss statistics and this step's telemetry."""
-
-    snapshots: Any  # the training state stacked ``keep`` times on a new axis 0 (0: external)
-    snapshot_step: jax.Array  # int32 (keep,), the step each slot holds; -1 when empty or invalid
-    confirmed: jax.Array  # bool (keep,), whether the slot's own next step was in range
-    pending: jax.Array  # int32, the slot written last step and awaiting its verdict; -1: none
-    stats: _stats.RobustLevel  # centre and spread of accepted log-losses
-    recent: jax.Array  # int32 bit mask: bit i set when the step i steps ago was out of range
-    drift: jax.Array  # float32, the CUSUM of log-losses above the centre, in spreads
-    onset: jax.Array  # int32, the step the current rise of ``drift`` began
-    step: jax.Array  # int32, calls of the step so far (skipped and undone ones included)
-    since_snapshot: jax.Array  # int32, accepted steps since the last snapshot
-    rollback_steps: jax.Array  # int32 (max_rollbacks,), steps of the latest rollbacks
-    streak: jax.Array  # int32, rollbacks since a snapshot was last confirmed
-    backoff_left: jax.Array  # int32, steps until ``lr_scale`` returns to 1 (with backoff_steps)
-    loss: jax.Array  # float32, this step's loss
-    threshold: jax.Array  # float32, the largest loss that was not skipped (+inf in warm-up)
-    skipped: jax.Array  # bool, whether this step's state changes were discarded
-    skipped_total: jax.Array  # int32
-    snapshot_taken: jax.Array  # bool, whether this step's new state is snapshot ``step``
-    restored_step: jax.Array  # int32, the snapshot this step restored (-1 when none)
-    rolled_back: jax.Array  # bool, whether this step restored a snapshot
-    rollbacks_total: jax.Array  # int32
-    skip_batches: jax.Array  # int32, batches the training loop should skip now (0 normally)
-    steps_lost: jax.Array  # int32, steps this rollback undid
-    steps_lost_total: jax.Array  # int32
-    lr_scale: jax.Array  # float32, the factor the step should apply to its updates
-    gave_up: jax.Array  # bool, set for good after max_rollbacks within window
 
 
 class SpikeRecovery(NamedTuple):
@@ -99,18 +49,6 @@ class SpikeRecovery(NamedTuple):
     check: Callable[[SpikeRecoveryState], None]
 
 
-class _Verdict(NamedTuple):
-    """What the controller decided from this step's loss, before the state is chosen."""
-
-    skip: jax.Array  # bool: keep the old state
-    rollback: jax.Array  # bool: restore a snapshot (also once given up)
-    target: jax.Array  # int32: the slot to restore
-    take: jax.Array  # bool: snapshot the new state
-    slot: jax.Array  # int32: the slot to write
-    gives_up: jax.Array  # bool: this step gave up
-    state: SpikeRecoveryState  # the controller's next state, but for the snapshots
-
-
 def _stack(tree, keep: int):
     """Every leaf of ``tree`` repeated ``keep`` times along a new leading axis (a fresh buffer)."""
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (keep, *jnp.shape(x))).copy(), tree)
@@ -120,18 +58,6 @@ def _like(x, like):
     """``x`` in the memory space of ``like`` (a snapshot kept in host memory comes back)."""
     space = getattr(jax.typeof(like), "memory_space", None)
     return x if getattr(jax.typeof(x), "memory_space", None) == space else jax.device_put(x, space)
-
-
-def _check_loss(loss) -> None:
-    """``loss`` (an array or its ``ShapeDtypeStruct``) must be a real scalar."""
-    shape, dtype = loss.shape, loss.dtype
-    if not jnp.issubdtype(dtype, jnp.floating) and not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"loss must be a real scalar, got dtype {dtype}")
-    if shape != ():
-        raise ValueError(
-            f"loss must be a scalar (shape ()), got shape {shape}: reduce it first (e.g. "
-            "loss.mean()); spike_recovery judges one loss per step"
-        )
 
 
 def _check_state(state, snapshots) -> None:
@@ -342,152 +268,21 @@ def spike_recovery(
     if snapshots not in _PLACES:
         raise ValueError(f"snapshots must be one of {_PLACES}, got {snapshots!r}")
     external = snapshots == "external"
-    window_mask = (1 << patience) - 1
+
+    settings = _judge.Settings(
+        every, keep, z_skip, z_alarm, drift_slack, drift_limit, patience, alarm_steps, decay,
+        warmup_steps, skip_batches, max_rollbacks, window, lr_backoff, backoff_steps, external,
+    )  # fmt: skip
 
     def init_fn(state) -> SpikeRecoveryState:
-        i32 = lambda v: jnp.asarray(v, jnp.int32)
         stacked = _stack(state, 0 if external else keep)  # external: structure only
         if snapshots == "pinned_host":
             stacked = jax.tree.map(
                 lambda s: jax.device_put(s, s.sharding.with_memory_kind("pinned_host")), stacked
             )
-        zero = lambda dtype: jnp.zeros((), dtype)
-        return SpikeRecoveryState(
-            snapshots=stacked,
-            snapshot_step=jnp.full((keep,), -1, jnp.int32).at[0].set(0),
-            confirmed=jnp.zeros((keep,), bool).at[0].set(True),
-            pending=i32(-1),
-            stats=_stats.robust_init(),
-            recent=i32(0),
-            drift=zero(jnp.float32),
-            onset=i32(0),
-            step=i32(0),
-            since_snapshot=i32(0),
-            rollback_steps=jnp.full((max_rollbacks,), _NEVER, jnp.int32),
-            streak=i32(0),
-            backoff_left=i32(0),
-            loss=zero(jnp.float32),
-            threshold=jnp.full((), jnp.inf, jnp.float32),
-            skipped=zero(bool),
-            skipped_total=i32(0),
-            snapshot_taken=zero(bool),
-            restored_step=i32(-1),
-            rolled_back=zero(bool),
-            rollbacks_total=i32(0),
-            skip_batches=i32(0),
-            steps_lost=i32(0),
-            steps_lost_total=i32(0),
-            lr_scale=jnp.ones((), jnp.float32),
-            gave_up=zero(bool),
-        )
+        return _judge.init(stacked, settings)
 
-    def judge(loss, rs: SpikeRecoveryState) -> _Verdict:
-        """The verdict on this step's loss, and the controller's next state (but snapshots)."""
-        loss = jnp.asarray(loss)
-        _check_loss(loss)
-        loss = _stats.as_f32(loss)
-        step = rs.step + 1
-        finite = jnp.isfinite(loss)
-        y = jnp.log(jnp.where(loss > 0, loss, 1.0))  # a loss <= 0 is in range
-        y = jnp.where(loss > 0, y, -jnp.inf)
-        skip_limit = _stats.robust_limit(rs.stats, z_skip, warmup_steps)
-        alarm_limit = _stats.robust_limit(rs.stats, z_alarm, warmup_steps)
-        skip = ~finite | (y > skip_limit)
-        out = ~finite | (y > alarm_limit)
-        recent = ((rs.recent << 1) | out.astype(jnp.int32)) & window_mask
-        in_range = jax.lax.population_count(recent) < alarm_steps
-        # CUSUM of every finite log-loss, skipped ones too, clipped to z_alarm spreads (a
-        # non-finite one is left to the count above); 0 until warm-up ends.
-        spread = _stats.robust_spread(rs.stats)
-        d = jnp.clip((y - rs.stats.center) / spread, -z_alarm, z_alarm)
-        drift = jnp.maximum(rs.drift + d - _stats.as_f32(drift_slack), 0.0)
-        drift = jnp.where(_stats.ready(rs.stats, warmup_steps) & finite & (loss > 0), drift,
-                          jnp.where(finite, 0.0, rs.drift))  # fmt: skip
-        onset = jnp.where((rs.drift == 0) & (drift > 0), step, rs.onset)
-        if drift_limit is not None:
-            in_range &= ~(drift > _stats.as_f32(drift_limit))
-
-        in_window = jnp.sum((rs.rollback_steps > step - window).astype(jnp.int32))
-        gave_up = rs.gave_up | (~in_range & (in_window >= max_rollbacks))
-        rollback = ~in_range | gave_up
-        rolled_back = rollback & ~gave_up
-        skip = skip & ~rollback
-
-        # Last step's snapshot holds the state this loss was measured on: judge it.
-        is_pending = jnp.arange(keep) == rs.pending
-        confirmed = rs.confirmed | (is_pending & ~skip & ~rollback)
-        snapshot_step = jnp.where(is_pending & (skip | rollback), -1, rs.snapshot_step)
-        streak = jnp.where(jnp.any(is_pending) & ~skip & ~rollback, 0, rs.streak)
-
-        valid = confirmed & (snapshot_step >= 0)
-        before = jnp.minimum(step - patience, jnp.where(drift > 0, onset - 1, step))
-        aged = valid & (snapshot_step <= before)
-        newest_aged = jnp.argmax(jnp.where(aged, snapshot_step, -2))
-        oldest = jnp.argmin(jnp.where(valid, snapshot_step, jnp.iinfo(jnp.int32).max))
-        target = jnp.where(jnp.any(aged), newest_aged, oldest)
-        target_step = snapshot_step[target]
-        accepted = ~skip & ~rollback
-        since = jnp.where(rollback, 0, rs.since_snapshot + accepted.astype(jnp.int32))
-        take = accepted & (since >= every)
-        slot = jnp.argmin(snapshot_step)
-        is_slot = take & (jnp.arange(keep) == slot)
-        snapshot_step = jnp.where(rollback & (snapshot_step > target_step), -1, snapshot_step)
-        snapshot_step = jnp.where(is_slot, step, snapshot_step)
-
-        lr_scale, backoff_left = rs.lr_scale, jnp.maximum(rs.backoff_left - 1, 0)
-        if lr_backoff is not None:
-            lr_scale = jnp.where(rolled_back, lr_scale * _stats.as_f32(lr_backoff), lr_scale)
-            if backoff_steps is not None:
-                backoff_left = jnp.where(rolled_back, backoff_steps, backoff_left)
-                lr_scale = jnp.where(backoff_left == 0, 1.0, lr_scale).astype(jnp.float32)
-        steps_lost = jnp.where(rollback & ~rs.gave_up, step - target_step, 0)
-        new = SpikeRecoveryState(
-            snapshots=rs.snapshots,
-            snapshot_step=snapshot_step,
-            confirmed=jnp.where(is_slot, False, confirmed),
-            pending=jnp.where(take, slot, -1).astype(jnp.int32),
-            stats=_stats.robust_update(
-                rs.stats,
-                y,
-                decay=decay,
-                warmup_steps=warmup_steps,
-                clip_z=z_alarm,
-                accept=accepted & (loss > 0),
-            ),
-            recent=jnp.where(rollback, 0, recent),
-            drift=jnp.where(rollback, 0.0, drift),
-            onset=onset,
-            step=step,
-            since_snapshot=jnp.where(take, 0, since),
-            rollback_steps=jnp.where(
-                rolled_back, jnp.roll(rs.rollback_steps, -1).at[-1].set(step), rs.rollback_steps
-            ),
-            streak=streak + rolled_back.astype(jnp.int32),
-            backoff_left=backoff_left.astype(jnp.int32),
-            loss=loss,
-            threshold=jnp.exp(skip_limit),
-            skipped=skip,
-            skipped_total=rs.skipped_total + skip.astype(jnp.int32),
-            snapshot_taken=take,
-            restored_step=jnp.where(rollback, target_step, -1),
-            rolled_back=rolled_back,
-            rollbacks_total=rs.rollbacks_total + rolled_back.astype(jnp.int32),
-            skip_batches=jnp.where(
-                rolled_back, jnp.int32(skip_batches) << jnp.minimum(streak, 16), 0
-            ).astype(jnp.int32),
-            steps_lost=steps_lost,
-            steps_lost_total=rs.steps_lost_total + steps_lost,
-            lr_scale=lr_scale,
-            gave_up=gave_up,
-        )
-        # Once given up, the controller stays as it was at that step (what ``check`` reports).
-        frozen = {k: v for k, v in rs._asdict().items() if k != "snapshots"}
-        fresh = {k: getattr(new, k) for k in frozen}
-        new = new._replace(**_stats.select(rs.gave_up, frozen, fresh))
-        keep_old = skip | rollback if external else skip  # external: the host restores
-        return _Verdict(keep_old, rollback, target, take, slot, gave_up & ~rs.gave_up, new)
-
-    def finish(state, verdict: _Verdict):
+    def finish(state, verdict: _judge.Verdict):
         """Snapshot or restore: the chosen state and the controller's next state."""
         rs = verdict.state
         if external:
@@ -511,7 +306,7 @@ def spike_recovery(
     def update_fn(loss, state, new_state, rstate: SpikeRecoveryState):
         _check_state(state, rstate.snapshots)
         _checks.check_same_structure("state", state, "new_state", new_state)
-        verdict = judge(loss, rstate)
+        verdict = _judge.judge(loss, rstate, settings)
         chosen = _stats.select(verdict.skip, state, new_state)
         return finish(chosen, verdict)
 
@@ -556,11 +351,11 @@ def spike_recovery(
                 return olds + [None] * rest
 
             def watch(shapes):
-                _check_loss(jax.tree.leaves(shapes[1])[0])
+                _judge.check_loss(jax.tree.leaves(shapes[1])[0])
                 return len(olds)  # the loss is the first leaf after the state
 
             def decide(loss):
-                verdicts.append(judge(loss, rstate))
+                verdicts.append(_judge.judge(loss, rstate, settings))
                 return verdicts[-1].skip
 
             def run(state):
