@@ -24,6 +24,7 @@ Run: ``PYTHONPATH=. python benchmarks/recovery_health.py [--steps 10000] [--quic
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -242,6 +243,7 @@ def make_run(work: Workload, steps: int, recovery):
 
 
 SCENARIOS = ("healthy", "nan", "burst", "lr30")
+KWARGS = {"every": 100, "lr_backoff": 0.1, "backoff_steps": 500}
 
 
 def events(scenario: str, steps: int) -> tuple[int, int, int, int]:
@@ -260,12 +262,13 @@ def finite(tree) -> bool:
                if jnp.issubdtype(x.dtype, jnp.inexact))  # fmt: skip
 
 
-def measure(name: str, steps: int, scenarios, seeds, kwargs: dict, save: str | None = None):
+def measure(name: str, steps: int, scenarios, seeds, kwargs: dict, save: str | None = None,
+            uncontrolled: bool = True):  # fmt: skip
     """One row per (scenario, seed, controller) of workload ``name``; with ``save``, each
     run's per-step losses go to ``save/{name}_{scenario}_{controller}_{seed}.npy``."""
     work = WORKLOADS[name]()
     variants = {"spike_recovery": jaxstab.spike_recovery(**kwargs)}
-    if set(scenarios) - {"healthy"}:
+    if uncontrolled and set(scenarios) - {"healthy"}:
         variants["none"] = None
     rows = []
     for variant, recovery in variants.items():
@@ -303,12 +306,18 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="300 steps (a smoke test)")
     parser.add_argument("--save-losses", metavar="DIR", help="save per-step losses as .npy")
+    parser.add_argument("--controller-only", action="store_true", help="no uncontrolled runs")
+    parser.add_argument(
+        "--recovery-kwargs", type=json.loads, default=KWARGS,
+        help=f"spike_recovery's keyword arguments as JSON (default {json.dumps(KWARGS)})",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     steps = 300 if args.quick else args.steps
-    kwargs = {"every": 100, "lr_backoff": 0.1}
+    kwargs = args.recovery_kwargs
     rows = []
     for name in args.workloads:
-        rows += measure(name, steps, args.scenarios, range(args.seeds), kwargs, args.save_losses)
+        rows += measure(name, steps, args.scenarios, range(args.seeds), kwargs, args.save_losses,
+                        uncontrolled=not args.controller_only)  # fmt: skip
     print(f"spike_recovery({', '.join(f'{k}={v}' for k, v in kwargs.items())}), {steps} steps")
     header = ["workload", "scenario", "controller", "skipped", "skipped %", "rollbacks",
               "gave up", "eval loss", "vs clean", "finite", "p99.9/median loss", "s"]  # fmt: skip

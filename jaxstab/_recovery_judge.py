@@ -206,12 +206,18 @@ def judge(loss, rs: SpikeRecoveryState, s: Settings) -> Verdict:
     snapshot_step = jnp.where(rollback & (snapshot_step > target_step), -1, snapshot_step)
     snapshot_step = jnp.where(is_slot, step, snapshot_step)
 
+    # Each rollback lowers lr_scale a notch; each backoff_steps steps without one raise it a
+    # notch again, up to 1 (where a rise brings the trouble back, the next rollback lowers it).
     lr_scale, backoff_left = rs.lr_scale, jnp.maximum(rs.backoff_left - 1, 0)
     if s.lr_backoff is not None:
-        lr_scale = jnp.where(rolled_back, lr_scale * _stats.as_f32(s.lr_backoff), lr_scale)
+        factor = _stats.as_f32(s.lr_backoff)
+        lr_scale = jnp.where(rolled_back, lr_scale * factor, lr_scale)
         if s.backoff_steps is not None:
-            backoff_left = jnp.where(rolled_back, s.backoff_steps, backoff_left)
-            lr_scale = jnp.where(backoff_left == 0, 1.0, lr_scale).astype(jnp.float32)
+            up = ~rolled_back & (rs.backoff_left == 1)
+            raised = jnp.minimum(lr_scale / factor, 1.0)
+            lr_scale = jnp.where(up, jnp.where(raised > 0.999, 1.0, raised), lr_scale)
+            low = rolled_back | (up & (lr_scale < 1))
+            backoff_left = jnp.where(low, s.backoff_steps, backoff_left)
     steps_lost = jnp.where(rollback & ~rs.gave_up, step - target_step, 0)
     new = SpikeRecoveryState(
         snapshots=rs.snapshots,

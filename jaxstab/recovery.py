@@ -149,8 +149,10 @@ def spike_recovery(
     newer snapshots are dropped. The step reports ``rolled_back``, ``steps_lost`` and
     ``skip_batches``: the loop should skip that many batches, doubled on each rollback before a
     new snapshot is confirmed, so a long burst of bad data is stepped over without its length
-    being known. With ``lr_backoff`` each rollback multiplies ``lr_scale`` by it (for good, or
-    until ``backoff_steps`` steps pass without one); ``wrap`` then passes
+    being known. With ``lr_backoff`` each rollback multiplies ``lr_scale`` by it, and (with
+    ``backoff_steps``) each ``backoff_steps`` steps without a rollback divide it by it again, up
+    to 1: a learning rate that diverges is backed off until it holds, a burst of bad data costs
+    a while at a lower rate; ``wrap`` then passes
     ``lr_scale=rstate.lr_scale`` to the step, which should multiply its updates by it. ``reinit``
     (``state -> state``, e.g. fresh optimizer moments) is applied to a restored state.
 
@@ -199,8 +201,8 @@ def spike_recovery(
       max_rollbacks: rollbacks allowed within ``window`` steps; an int ``>= 1``.
       window: the window of ``max_rollbacks``, in steps; an int ``>= 1``.
       lr_backoff: optional factor in ``(0, 1]`` by which each rollback multiplies ``lr_scale``.
-      backoff_steps: optional steps without a rollback after which ``lr_scale`` returns to 1;
-        an int ``>= 1`` (default: never).
+      backoff_steps: optional steps without a rollback after which ``lr_scale`` rises one
+        notch (divided by ``lr_backoff``, up to 1); an int ``>= 1`` (default: never).
       reinit: optional ``state -> state`` applied to a restored snapshot.
       on_give_up: ``"raise"``, ``"warn"`` or ``"ignore"``, see above.
       snapshots: ``"device"``, ``"pinned_host"`` or ``"external"``, see above.

@@ -288,6 +288,19 @@ def test_learning_rate_backoff_reaches_the_step_and_reinit_the_restored_state():
     assert int(state["opt"][0].count) == 6  # fresh moments at the rollback, 6 steps since
 
 
+def test_learning_rate_backoff_compounds_and_rises_a_notch_at_a_time():
+    recovery = spike_recovery(
+        every=2, warmup_steps=3, patience=1, alarm_steps=1, lr_backoff=0.5, backoff_steps=3
+    )
+    state = {"w": jnp.zeros(2)}
+    rstate = recovery.init(state)
+    scales = []
+    for loss in [1.0] * 5 + [np.nan, 1.0, np.nan] + [1.0] * 7:
+        _, rstate = recovery.update(jnp.float32(loss), state, state, rstate)
+        scales.append(float(rstate.lr_scale))
+    assert scales == [1.0] * 5 + [0.5, 0.5, 0.25] + [0.25] * 2 + [0.5] * 3 + [1.0] * 2
+
+
 class WrapVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_wrap_with_and_without_jit(self):
