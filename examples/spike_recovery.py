@@ -174,7 +174,8 @@ def run(
     figure = plot(results, burst, title, os.path.join(out_dir, "spike_recovery.png"))
     about = (
         f"spike_recovery(every={EVERY}) at its defaults (keep 2; log-loss skip at 10 spreads, "
-        "rollback on 6 of 16 steps above 4; skip 20 batches, doubling); figures averaged over "
+        "rollback on 6 of 16 steps above 4 or a CUSUM past 15; skip 20 batches, doubling); "
+        "figures averaged over "
         "seeds; steps skipped: by skip_anomalies or by the controller; vs clean: final "
         "validation loss against the same seed's run without the burst; every run ends after "
         "the same number of kept optimizer steps, so rolled-back steps are redone."

@@ -18,6 +18,7 @@ import deep_mlp
 import demo
 import exploding_rnn
 import numpy as np
+import recovery_batchnorm
 import spike_recovery
 import transformer_lm
 
@@ -107,3 +108,11 @@ def test_spike_recovery_rolls_back_over_a_burst(tmp_path):
     runs = result["runs"]["AdamW + spike_recovery"][0]
     assert len(runs["loss"]) == 300 + recovered["steps_lost"]  # lost steps were redone
     assert abs(recovered["vs_clean"]) < 10
+
+
+def test_recovery_batchnorm_skips_the_nan_batch_and_rolls_back_the_burst():
+    rows = {r["method"]: r for r in recovery_batchnorm.run(steps=320)["rows"]}
+    recovered, plain = rows["AdamW + spike_recovery"], rows["AdamW"]
+    assert recovered["skipped"] == 1 and recovered["rollbacks"] >= 1
+    assert recovered["stats_finite"] == "yes"
+    assert plain["accuracy"] < 0.3 < 0.9 < recovered["accuracy"]
