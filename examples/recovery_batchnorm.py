@@ -57,7 +57,7 @@ def train(method: str, data, steps: int, seed: int) -> dict:
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         # A loss can be finite while the gradients are not (XLA's max lets a ReLU turn NaN into
         # 0 on the way forward, not back): judge both, before the update.
-        loss = jnp.where(jnp.isfinite(optax.global_norm(grads)), loss, jnp.nan)
+        loss = jnp.where(jnp.isfinite(jaxstab.global_norm(grads)), loss, jnp.nan)
         return state.apply_gradients(grads=grads, batch_stats=stats), loss
 
     recovery = jaxstab.spike_recovery(every=25, warmup_steps=50)

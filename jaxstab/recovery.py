@@ -142,7 +142,7 @@ def spike_recovery(
     Only the loss is judged: to skip a step whose gradients are not finite although its loss is
     (under ``jit`` XLA's ``max`` can turn a NaN into 0 in a ReLU on the way forward but not
     back), make the loss NaN then, before the update:
-    ``loss = jnp.where(jnp.isfinite(optax.global_norm(grads)), loss, jnp.nan)``.
+    ``loss = jnp.where(jnp.isfinite(jaxstab.global_norm(grads)), loss, jnp.nan)``.
 
     **Tiers.** A skipped step returns the old state, bit for bit, as if it never happened (its
     RNG key and counters too, so a stateful schedule does not advance). A rollback happens when

@@ -373,6 +373,45 @@ def test_batch_norm_statistics_are_restored_with_a_flax_train_state():
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(state.batch_stats))
 
 
+def test_nnx_model_and_optimizer_state_through_split_and_merge():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.dense = nnx.Linear(3, 4, rngs=rngs)
+            self.bn = jaxstab.nnx.BatchNorm(4, momentum=0.9, rngs=rngs)
+            self.out = nnx.Linear(4, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.relu(self.bn(self.dense(x))))
+
+    model = Net(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def train_step(state, x):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - 1.0) ** 2))(model)
+        loss = jnp.where(jnp.isfinite(jaxstab.global_norm(grads)), loss, jnp.nan)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), loss
+
+    recovery = spike_recovery(every=5, warmup_steps=5)
+    step = recovery.wrap(train_step)
+    rstate = recovery.init(state)
+    xs = jax.random.normal(jax.random.key(1), (12, 8, 3))
+    for i, x in enumerate(xs):
+        if i == 9:
+            before = jax.device_get(state)
+            x = x.at[0, 0].set(jnp.nan)
+        state, rstate, _ = step(state, rstate, x)
+        if i == 9:
+            assert bool(rstate.skipped)
+            assert_bit_identical(jax.device_get(state), before)  # BatchStat, Adam, step count
+    model, _ = nnx.merge(graphdef, state)
+    assert bool(jnp.all(jnp.isfinite(model.bn.mean[...])))
+
+
 def test_snapshots_in_host_memory():
     recovery = spike_recovery(
         every=3, warmup_steps=3, patience=1, alarm_steps=1, snapshots="pinned_host"
