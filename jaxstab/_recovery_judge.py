@@ -164,8 +164,11 @@ def judge(loss, rs: SpikeRecoveryState, s: Settings) -> Verdict:
     y = jnp.where(loss > 0, y, -jnp.inf)
     skip_limit = _stats.robust_limit(rs.stats, s.z_skip, s.warmup_steps)
     alarm_limit = _stats.robust_limit(rs.stats, s.z_alarm, s.warmup_steps)
-    skip = ~finite | (y > skip_limit)
     out = ~finite | (y > alarm_limit)
+    # Within ``patience`` steps of a rollback trouble is known to be near (the rest of a burst
+    # of bad data): an out-of-range step is skipped, not only one past z_skip.
+    vigilant = rs.rollback_steps[-1] >= step - s.patience
+    skip = ~finite | (y > skip_limit) | (vigilant & out)
     recent = ((rs.recent << 1) | out.astype(jnp.int32)) & s.window_mask
     in_range = jax.lax.population_count(recent) < s.alarm_steps
     # CUSUM of every finite log-loss, skipped ones too, clipped to z_alarm spreads (a

@@ -145,7 +145,9 @@ def spike_recovery(
     ``loss = jnp.where(jnp.isfinite(jaxstab.global_norm(grads)), loss, jnp.nan)``.
 
     **Tiers.** A skipped step returns the old state, bit for bit, as if it never happened (its
-    RNG key and counters too, so a stateful schedule does not advance). A rollback happens when
+    RNG key and counters too, so a stateful schedule does not advance); within ``patience`` steps
+    of a rollback every out-of-range step is skipped (what is left of a burst). A rollback
+    happens when
     ``alarm_steps`` of the last ``patience`` steps were out of range, or the CUSUM passes
     ``drift_limit``: trouble that persists, or a skip tier that keeps firing (parameters already
     damaged, a burst of bad data). It restores the newest snapshot taken before the evidence
