@@ -4,8 +4,11 @@ Everything here is a pure function of arrays; the transforms build on it. Sums o
 accumulated in float32 for float32 and narrower leaves (float64 once a leaf is float64 or
 complex128, under ``jax_enable_x64``); complex leaves count by their modulus. When a sum leaves the
 range where squares are exact (it overflows, or it is so small that squares fall into subnormals),
-it is computed again from values multiplied by a power of two that brings their squares into range,
-inside a ``lax.cond`` that runs only in that rare case: the common case reads every gradient once.
+it is computed again from values multiplied by a power of two that brings their squares into range.
+On the CPU that second sum sits in a ``lax.cond`` that runs only in that rare case, so the common
+case reads every gradient once. On GPU and TPU, where a conditional is a host round trip every
+step, the plain and both rescaled sums are taken side by side in one pass and a select picks one
+(see :func:`_per_platform`): no conditional in the compiled step.
 Norms from about 1e-35 up to float32's largest value (3.4e38) come out right (float64: 1e-280 to
 1.8e308); optax's overflow to Inf from a norm of 1.8e19 on (float32) or from float16 elements of
 256.
@@ -13,7 +16,7 @@ Norms from about 1e-35 up to float32's largest value (3.4e38) come out right (fl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -119,6 +122,47 @@ def _psum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
+def _three_sums(x: jax.Array, axis, keepdims: bool, dtype) -> tuple[jax.Array, ...]:
+    """The sums of squares of ``x``, of ``x`` times the rescue factor for overflow and of ``x``
+    times the one for underflow: three reductions of one input, which GPU and TPU compilers fuse
+    into one pass over ``x``."""
+    r = _RANGES[np.dtype(dtype)]
+    return tuple(
+        sumsq(x, axis=axis, keepdims=keepdims, scale=scale, dtype=dtype)
+        for scale in (None, r.down, r.up)
+    )
+
+
+def _from_three_sums(plain: jax.Array, down: jax.Array, up: jax.Array) -> jax.Array:
+    """The norm from :func:`_three_sums`: the plain sum's root where it is trusted, else the
+    root of the rescaled sum that brings its squares into range, scaled back (also for a unit
+    whose squares all underflow to 0, which the branch form leaves at 0)."""
+    r = _RANGES[plain.dtype]
+    rescued = select(plain > r.high, jnp.sqrt(down) / r.down, jnp.sqrt(up) / r.up)
+    return select(_trusted(plain), jnp.sqrt(plain), rescued)
+
+
+# Which form of the overflow rescue the norms trace: "auto" picks per platform at lowering time;
+# tests set "branchless" or "branch" to run either form on the CPU.
+_RESCUE = "auto"
+
+
+def _per_platform(with_branch: Callable[[], Any], branchless: Callable[[], Any]):
+    """The norm computed by ``with_branch`` on the CPU and by ``branchless`` elsewhere.
+
+    XLA:CPU runs the common case fastest as one plain reduction with the rescue in a
+    ``lax.cond`` that runs only when a sum leaves the trusted range. On GPU and TPU a
+    conditional costs a copy of its predicate to the host and a wait, every step, while three
+    accumulators in one pass over memory-bound data cost nothing: there the norms keep all three
+    and choose with a select.
+    """
+    if _RESCUE == "branch":
+        return with_branch()
+    if _RESCUE == "branchless":
+        return branchless()
+    return jax.lax.platform_dependent(cpu=with_branch, default=branchless)
+
+
 def _grouped_sumsq(leaves: Sequence[jax.Array], scale: jax.Array) -> jax.Array:
     """``sum(sumsq(x, scale=scale) for x in leaves)`` in ``scale``'s dtype, with small leaves
     reduced in groups."""
@@ -143,11 +187,12 @@ def global_norm(tree, *, axis_name: AxisName = None) -> jax.Array:
 
     Unlike ``optax.global_norm``, the result is right for every norm float32 represents: float16
     leaves of 300 or float32 leaves of 1e20 (whose squares overflow) and tiny gradients (whose
-    squares underflow) are summed again from values rescaled by a power of two, in a branch that
-    runs only then. Complex leaves count by their modulus. Float64 leaves (under
-    ``jax_enable_x64``) are summed in float64, so a finite float64 gradient of 1e39 or 1e-40 has a
-    finite, nonzero norm. ``None`` leaves and ``optax.MaskedNode`` are ignored, integer leaves
-    skipped; a NaN anywhere gives NaN and an Inf (without NaN) gives Inf.
+    squares underflow) are summed again from values rescaled by a power of two (on the CPU in a
+    branch that runs only then; on GPU and TPU beside the plain sum, with no conditional).
+    Complex leaves count by their modulus. Float64 leaves (under ``jax_enable_x64``) are summed
+    in float64, so a finite float64 gradient of 1e39 or 1e-40 has a finite, nonzero norm.
+    ``None`` leaves and ``optax.MaskedNode`` are ignored, integer leaves skipped; a NaN anywhere
+    gives NaN and an Inf (without NaN) gives Inf.
 
     Args:
       tree: a pytree of arrays (gradients, updates, parameters).
@@ -170,13 +215,21 @@ def global_norm(tree, *, axis_name: AxisName = None) -> jax.Array:
     if not leaves:
         return jnp.zeros((), jnp.float32)
     dtype = accumulation_dtype(leaves)
-    ssq = _psum(sum(sumsq(x, dtype=dtype) for x in leaves), axis_name)
 
-    def rescue(s):
-        scale = _rescue_scale(s)
-        return jnp.sqrt(_psum(_grouped_sumsq(leaves, scale), axis_name)) / scale
+    def with_branch():
+        ssq = _psum(sum(sumsq(x, dtype=dtype) for x in leaves), axis_name)
 
-    return jax.lax.cond(_trusted(ssq), jnp.sqrt, rescue, ssq)
+        def rescue(s):
+            scale = _rescue_scale(s)
+            return jnp.sqrt(_psum(_grouped_sumsq(leaves, scale), axis_name)) / scale
+
+        return jax.lax.cond(_trusted(ssq), jnp.sqrt, rescue, ssq)
+
+    def branchless():
+        sums = [_three_sums(x, None, False, dtype) for x in leaves]
+        return _from_three_sums(*_psum(tuple(map(sum, zip(*sums, strict=True))), axis_name))
+
+    return _per_platform(with_branch, branchless)
 
 
 def unit_norms(
@@ -191,9 +244,10 @@ def unit_norms(
     ``dtype`` (default: the :func:`accumulation_dtype` of all ``leaves``, float32 unless one is
     float64).
 
-    Overflow-safe like :func:`global_norm`, with one rescue branch for all leaves that runs only
-    when some unit needs it. A unit whose squares all underflow to exactly 0 keeps norm 0 (for
-    clipping such a unit is far below any threshold), so all-zero units cost no second pass. With
+    Overflow-safe like :func:`global_norm`: on the CPU with one rescue branch for all leaves that
+    runs only when some unit needs it, where a unit whose squares all underflow to exactly 0 keeps
+    norm 0 (for clipping such a unit is far below any threshold), so all-zero units cost no second
+    pass; on GPU and TPU with the rescaled sums beside the plain one and no conditional. With
     ``axis_name`` the sums of squares are summed over devices, for leaves sharded along reduced
     axes (e.g. whole-leaf norms of a sharded tree).
 
@@ -207,24 +261,35 @@ def unit_norms(
     if not leaves:
         return []
     dtype = accumulation_dtype(leaves) if dtype is None else dtype
-    ssq = [
+    plain = lambda: [
         _psum(sumsq(x, axis=a, keepdims=True, dtype=dtype), axis_name)
         for x, a in zip(leaves, axes, strict=True)
     ]
     if not exact:
-        return [jnp.sqrt(s) for s in ssq]
-    every_unit = jnp.concatenate([jnp.ravel(s) for s in ssq])
-    any_bad = jnp.any(~(_trusted(every_unit) | (every_unit == 0)))
+        return [jnp.sqrt(s) for s in plain()]
 
-    def rescue(ssq):
-        out = []
-        for x, a, s in zip(leaves, axes, ssq, strict=True):
-            scale = _rescue_scale(s)
-            exact = _psum(sumsq(x, axis=a, keepdims=True, scale=scale, dtype=dtype), axis_name)
-            out.append(select(_trusted(s) | (s == 0), jnp.sqrt(s), jnp.sqrt(exact) / scale))
-        return out
+    def with_branch():
+        ssq = plain()
+        every_unit = jnp.concatenate([jnp.ravel(s) for s in ssq])
+        any_bad = jnp.any(~(_trusted(every_unit) | (every_unit == 0)))
 
-    return jax.lax.cond(any_bad, rescue, lambda ssq: [jnp.sqrt(s) for s in ssq], ssq)
+        def rescue(ssq):
+            out = []
+            for x, a, s in zip(leaves, axes, ssq, strict=True):
+                scale = _rescue_scale(s)
+                exact = _psum(sumsq(x, axis=a, keepdims=True, scale=scale, dtype=dtype), axis_name)
+                out.append(select(_trusted(s) | (s == 0), jnp.sqrt(s), jnp.sqrt(exact) / scale))
+            return out
+
+        return jax.lax.cond(any_bad, rescue, lambda ssq: [jnp.sqrt(s) for s in ssq], ssq)
+
+    def branchless():
+        return [
+            _from_three_sums(*_psum(_three_sums(x, a, True, dtype), axis_name))
+            for x, a in zip(leaves, axes, strict=True)
+        ]
+
+    return _per_platform(with_branch, branchless)
 
 
 def clip_factor(norm: jax.Array, max_norm) -> jax.Array:

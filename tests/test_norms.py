@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _lowering import live_conditionals
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -127,22 +128,6 @@ class GlobalNormTest(chex.TestCase):
         jaxpr = str(jax.make_jaxpr(jaxstab.global_norm)(leaves))
         assert jaxpr.count("f32[200] = concatenate") == 1  # older jax: in chunks of 16 leaves
 
-    @settings(max_examples=30, deadline=None)
-    @given(
-        hnp.arrays(
-            np.float32,
-            hnp.array_shapes(max_dims=3, max_side=5),
-            elements=st.floats(-1e6, 1e6, width=32),
-        ),
-        st.sampled_from([1e-30, 1.0, 1e15, 1e30]),
-    )
-    def test_property_matches_float64(self, x, factor):
-        x = (x.astype(np.float64) * factor).astype(np.float32)
-        got = float(jaxstab.global_norm([jnp.asarray(x)]))
-        want = np_norm([x])
-        if want > 1e-35:
-            np.testing.assert_allclose(got, want, rtol=2e-6)
-
 
 class UnitNormsTest(chex.TestCase):
     def test_matches_numpy_per_unit(self):
@@ -160,6 +145,72 @@ class UnitNormsTest(chex.TestCase):
     def test_leaf_norms(self):
         got = _norms.leaf_norms([jnp.array([3.0, 4.0]), jnp.full((2, 2), 1e20)])
         np.testing.assert_allclose(got, [5.0, 2e20], rtol=1e-6)
+
+
+@pytest.mark.parametrize("rescue", ["auto", "branchless"])
+@settings(max_examples=30, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(max_dims=3, max_side=5),
+        elements=st.floats(-1e6, 1e6, width=32),
+    ),
+    st.sampled_from([1e-30, 1.0, 1e15, 1e30]),
+)
+def test_property_global_norm_matches_float64(rescue, x, factor):
+    x = (x.astype(np.float64) * factor).astype(np.float32)
+    saved, _norms._RESCUE = _norms._RESCUE, rescue
+    try:
+        got = float(jaxstab.global_norm([jnp.asarray(x)]))
+        (unit,) = _norms.leaf_norms([jnp.asarray(x)])
+    finally:
+        _norms._RESCUE = saved
+    want = np_norm([x])
+    if want > 1e-35:
+        np.testing.assert_allclose(got, want, rtol=2e-6)
+        if rescue == "branchless" or np.sum(np.square(x)) > 0:  # the branch keeps 0 as 0
+            np.testing.assert_allclose(float(unit), want, rtol=2e-6)
+
+
+class _Branchless:
+    """Runs a test class's tests with the norms' GPU/TPU form (three sums, no conditional) on the
+    CPU, where :func:`_norms._per_platform` otherwise picks the branch form."""
+
+    def setUp(self):
+        super().setUp()
+        self._saved, _norms._RESCUE = _norms._RESCUE, "branchless"
+        jax.clear_caches()
+
+    def tearDown(self):
+        _norms._RESCUE = self._saved
+        jax.clear_caches()
+        super().tearDown()
+
+
+class BranchlessGlobalNormTest(_Branchless, GlobalNormTest):
+    def test_common_case_is_one_pass(self):
+        """No conditional at all: the three sums are reductions beside each other."""
+        tree = [jnp.ones((64, 64)), jnp.ones((32, 48)), jnp.ones((100,))]
+        per_unit = lambda t: _norms.unit_norms(t, [(0,)] * len(t))
+        for fn in (jaxstab.global_norm, per_unit):
+            jaxpr = str(jax.make_jaxpr(fn)(tree))
+            assert " cond[" not in jaxpr and jaxpr.count("reduce_sum") == 9
+
+    def test_many_small_leaves_are_grouped_in_the_rescue(self):
+        leaves = [jnp.full((5,), 1e20) for _ in range(40)]
+        np.testing.assert_allclose(jaxstab.global_norm(leaves), np.sqrt(200) * 1e20, rtol=1e-6)
+
+
+class BranchlessUnitNormsTest(_Branchless, UnitNormsTest):
+    pass
+
+
+def test_auto_picks_the_branch_on_cpu_and_three_sums_elsewhere():
+    tree = [jnp.ones((8, 4)), jnp.ones((3,))]
+    for fn in (jaxstab.global_norm, lambda t: _norms.unit_norms(t, [(0,), (0,)])):
+        for platform, conditionals in (("cpu", 1), ("cuda", 0), ("tpu", 0)):
+            text = jax.export.export(jax.jit(fn), platforms=[platform])(tree).mlir_module()
+            assert len(live_conditionals(text)) == conditionals, platform
 
 
 class ClipFactorTest(chex.TestCase):
@@ -204,8 +255,10 @@ def test_flax_unit_axes_unknown_rank():
         jaxstab.flax_unit_axes((jax.tree_util.DictKey("w"),), (2, 2, 2, 2, 2, 2))
 
 
-def test_float64_leaves_are_summed_in_float64_under_x64(enable_x64):
+@pytest.mark.parametrize("rescue", ["auto", "branchless"])
+def test_float64_leaves_are_summed_in_float64_under_x64(enable_x64, monkeypatch, rescue):
     """Summed in float32, a float64 gradient of 1e39 had norm inf and one of 1e-40 norm 0."""
+    monkeypatch.setattr(_norms, "_RESCUE", rescue)
     with enable_x64(True):
         f64 = lambda *v: jnp.array(v, jnp.float64)
         cases = [
