@@ -273,7 +273,7 @@ def quantile_clip(
 # AdaGC
 
 
-@telemetry_state("adagc", ("grad_norm", "clip_fraction"))
+@telemetry_state("adagc", ("grad_norm", "clip_fraction", "nonfinite"))
 class AdagcState(NamedTuple):
     """State of :func:`adagc`: per-tensor thresholds and this step's telemetry."""
 
@@ -283,6 +283,7 @@ class AdagcState(NamedTuple):
     # update makes XLA's compile time grow quadratically with the number of tensors.
     grad_norm: jax.Array  # float32 global norm of the incoming updates
     clip_fraction: jax.Array  # float32 share of tensors whose update was scaled down
+    nonfinite: jax.Array  # float32 number of tensors zeroed as non-finite (thresholds kept)
 
 
 def adagc(
@@ -305,11 +306,15 @@ def adagc(
     Defaults are the paper's (``lambda_rel = 1.05``, ``beta = 0.98``, 100 warm-up steps with
     ``lambda_abs = 1.0``).
 
-    Two guards the paper lacks: a non-finite step gives an all-zero update and leaves every
-    threshold untouched; and a tensor whose gradient is exactly zero (a zero-initialised branch
+    Two guards the paper lacks: a tensor whose gradient is not finite (a NaN/Inf, or a norm past
+    float32) gets an all-zero update and keeps its threshold, while the other tensors step as
+    usual (``nonfinite`` counts such tensors; during warm-up the global clip uses the finite
+    tensors' norm); and a tensor whose gradient is exactly zero (a zero-initialised branch
     such as LoRA's ``A`` before ``B`` moves, an MoE expert that got no tokens) leaves its threshold
     alone, instead of driving it to 0 and freezing that tensor for good. A tensor's first nonzero
-    norm seeds its threshold unclipped.
+    norm seeds its threshold unclipped. A step counts towards the warm-up unless no tensor was
+    finite. To skip the *whole step* on a non-finite value instead, wrap the chain in
+    :func:`jaxstab.skip_anomalies`.
 
     Args:
       relative: per-tensor threshold as a multiple of its EMA (``lambda_rel``); ``> 0``.
@@ -322,8 +327,9 @@ def adagc(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state holds one float32 threshold per
-      tensor and ``grad_norm``, ``clip_fraction`` (see :func:`jaxstab.telemetry`). The float
-      hyperparameters may be injected with ``optax.inject_hyperparams``.
+      tensor and ``grad_norm``, ``clip_fraction``, ``nonfinite`` (see
+      :func:`jaxstab.telemetry`). The float hyperparameters may be injected with
+      ``optax.inject_hyperparams``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -349,7 +355,7 @@ def adagc(
     def init_fn(params):
         ema = tuple(jnp.full((), jnp.inf, jnp.float32) for _ in _norms.float_leaves(params))
         zero = lambda: jnp.zeros((), jnp.float32)  # distinct buffers: states get donated
-        return AdagcState(jnp.zeros((), jnp.int32), ema, zero(), zero())
+        return AdagcState(jnp.zeros((), jnp.int32), ema, zero(), zero(), zero())
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -364,16 +370,24 @@ def adagc(
             )
         axes = [tuple(range(x.ndim)) for x in grads]
         norms = [n.reshape(()) for n in _norms.unit_norms(grads, axes, axis_name=axis_name)]
-        norm = _norms.global_norm(jnp.stack(norms)) if grads else jnp.zeros((), jnp.float32)
-        finite = jnp.isfinite(norm)
+        stacked = jnp.stack(norms) if grads else jnp.zeros((0,), jnp.float32)
+        finite_each = jnp.isfinite(stacked)
+        norm = _norms.global_norm(stacked)
+        nonfinite = jnp.sum(~finite_each, dtype=jnp.float32)
+        # The warm-up's global clip from the finite tensors' norms, so that a non-finite tensor
+        # does not zero the others.
+        finite_norm = _norms.global_norm(
+            _norms.select(finite_each, stacked, jnp.zeros_like(stacked))
+        )
         warm = state.count < _stats.step_count(warmup_steps)
-        warm_factor = _norms.clip_factor(norm, warmup_max_norm)
+        warm_factor = _norms.clip_factor(finite_norm, warmup_max_norm)
         relative_ = _stats.as_f32(relative)
 
         def tensor(n, ema):
             """Factors and new thresholds from tensors' own norms and thresholds: scalars for one
             tensor's update, or vectors of all tensors for telemetry. ``_norms.select``, not
             ``jnp.where``: no nested jit traced per tensor."""
+            finite = jnp.isfinite(n)
             factor = _norms.select(warm, warm_factor, _norms.clip_factor(n, relative_ * ema))
             factor = _norms.select(finite, factor, jnp.zeros_like(factor))
             clipped = n * factor
@@ -391,10 +405,11 @@ def adagc(
         # computation), not from the per-tensor factors: stacking those costs a fusion per tensor.
         fraction = jnp.zeros(())
         if grads:
-            every_factor, _ = tensor(jnp.stack(norms), jnp.stack(state.ema))
-            fraction = jnp.mean((every_factor < 1).astype(jnp.float32))
-        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
-        new_state = AdagcState(count, ema, _stats.as_f32(norm), fraction)
+            every_factor, _ = tensor(stacked, jnp.stack(state.ema))
+            fraction = jnp.mean(((every_factor < 1) & finite_each).astype(jnp.float32))
+        any_finite = jnp.any(finite_each) | (not grads)
+        count = jnp.where(any_finite, optax.safe_increment(state.count), state.count)
+        new_state = AdagcState(count, ema, _stats.as_f32(norm), fraction, nonfinite)
         return jax.tree.unflatten(treedef, new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -95,12 +95,13 @@ def _as_predicate(name: str, spec: PathPredicate) -> Callable[[KeyPath, jax.Arra
     raise TypeError(f"{name} must be None, a regex string or a callable(path, leaf), got {spec!r}")
 
 
-@telemetry_state("adaptive_grad_clip", ("grad_norm", "clip_fraction"))
+@telemetry_state("adaptive_grad_clip", ("grad_norm", "clip_fraction", "nonfinite"))
 class AdaptiveGradClipState(NamedTuple):
     """Telemetry of :func:`adaptive_grad_clip` for the last step."""
 
     grad_norm: jax.Array  # float32 global norm of the incoming updates
     clip_fraction: jax.Array  # float32 share of units that were clipped
+    nonfinite: jax.Array  # float32 number of units (and excluded leaves) zeroed as non-finite
 
 
 def _normalize_axes(axes, ndim: int, where: str) -> tuple[int, ...]:
@@ -134,8 +135,13 @@ def adaptive_grad_clip(
 
     ``stacked`` and ``exclude`` take a regex searched in the ``/``-joined key path (e.g.
     ``"Dense_3"``) or a callable ``f(path, leaf) -> bool``. Norms are float32 and overflow-safe;
-    the scale is one per-unit multiply fused into the optimizer's update; a non-finite step
-    gives zeros.
+    the scale is one per-unit multiply fused into the optimizer's update.
+
+    Non-finite values are handled per unit, as the math is: a unit whose gradient holds a NaN or
+    Inf (or whose norm overflows float32) gets a zero update, an excluded leaf likewise as a
+    whole, and every other unit its usual update; ``nonfinite`` counts them. To skip the *whole
+    step* instead (the optimizer's state untouched too), wrap the chain in
+    :func:`jaxstab.skip_anomalies`.
 
     Args:
       clipping: the largest allowed ratio of gradient norm to parameter norm, per unit; ``> 0``.
@@ -147,7 +153,7 @@ def adaptive_grad_clip(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update needs ``params``; its state holds
-      ``grad_norm`` and ``clip_fraction``.
+      ``grad_norm``, ``clip_fraction`` and ``nonfinite``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxstab
@@ -183,7 +189,8 @@ def adaptive_grad_clip(
 
     def init_fn(params):
         del params
-        return AdaptiveGradClipState(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        zero = lambda: jnp.zeros((), jnp.float32)  # distinct buffers: states get donated
+        return AdaptiveGradClipState(zero(), zero(), zero())
 
     def update_fn(updates, state, params=None, **extra_args):
         del state, extra_args
@@ -208,24 +215,27 @@ def adaptive_grad_clip(
         # ``eps``: no rescue needed, half the compile time.
         p_norms = _norms.unit_norms(p_clip, axes, exact=False, dtype=dtype)
         limit = lambda p_norm: clipping * jnp.maximum(p_norm, eps)
+        # An excluded leaf passes through whole, or is zeroed whole if it is not finite.
+        kept_norms = _norms.leaf_norms([leaves_g[i] for i in kept_idx])
         # Telemetry on all units at once, from one concatenation of the norms each: a per-leaf
         # computation would be one more fusion per leaf, the cost of a second rescue branch.
         every = lambda arrays: jnp.concatenate([jnp.ravel(a) for a in arrays])
-        g_units = [every(g_norms)] if g_norms else []
-        grad_norm = _norms.global_norm(g_units + [leaves_g[i] for i in kept_idx])
-        finite = jnp.isfinite(grad_norm)
-        clipped = jnp.sum(g_units[0] > limit(every(p_norms))) if g_norms else 0
+        g_units = every(g_norms) if g_norms else jnp.zeros((0,), dtype)
+        all_norms = jnp.concatenate([g_units, kept_norms.astype(dtype)])
+        grad_norm = _norms.global_norm([all_norms])
+        nonfinite = jnp.sum(~jnp.isfinite(all_norms), dtype=jnp.float32)
+        clipped = jnp.sum(g_units > limit(every(p_norms))) if g_norms else 0
         fraction = jnp.asarray(clipped, jnp.float32) / max(sum(n.size for n in g_norms), 1)
 
-        factors = dict.fromkeys(kept_idx, finite.astype(jnp.float32))
+        kept_finite = jnp.isfinite(kept_norms).astype(dtype)
+        factors = {i: kept_finite[j] for j, i in enumerate(kept_idx)}
         for i, g_norm, p_norm in zip(clip_idx, g_norms, p_norms, strict=True):
-            factor = _norms.clip_factor(g_norm, limit(p_norm))
-            factors[i] = _norms.select(finite, factor, jnp.zeros_like(factor))
+            factors[i] = _norms.clip_factor(g_norm, limit(p_norm))  # 0 where not finite
         new_leaves = [
             _norms.scale_leaf(g, factors[i]) if i in factors else g
             for i, g in enumerate(leaves_g)
         ]
-        state = AdaptiveGradClipState(grad_norm.astype(jnp.float32), fraction)
+        state = AdaptiveGradClipState(grad_norm.astype(jnp.float32), fraction, nonfinite)
         return jax.tree.unflatten(treedef, new_leaves), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

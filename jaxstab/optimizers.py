@@ -10,9 +10,12 @@ the gradient norm looks ordinary. The two optimizers here act at that point:
   against the second moment, periodic resets of both moments and a short warm-up after each.
 
 Both keep their moments in float32 whatever the parameters' dtype (the update keeps the
-gradients' dtype), and skip non-finite steps: a step whose gradients hold a NaN/Inf, or a value
-whose square overflows float32 (for SPAM: a tensor whose sum of squares does, a norm above
-about 1.8e19), gives an all-zero update and leaves the moments and the step count as they were.
+gradients' dtype), and gate non-finite values per tensor, as their math is per tensor: a tensor
+whose gradient holds a NaN/Inf, or a value whose square overflows float32 (for SPAM: whose sum of
+squares does, a norm above about 1.8e19), gets an all-zero update and keeps its moments, while
+the other tensors step as usual; ``nonfinite`` counts such tensors, and the step count advances
+unless every tensor was gated. To skip the *whole step* instead, wrap the optimizer in
+:func:`jaxstab.skip_anomalies`.
 With their stabilizer switched off both equal ``optax.adamw``, complex parameters included (as
 there, a complex first moment and a real second moment of ``|g|**2``; StableAdamW's RMS and
 SPAM's spike test take the modulus, and a clipped spike keeps its phase).
@@ -134,16 +137,16 @@ def _flatten(updates, mu):
 # StableAdamW
 
 
-@telemetry_state("scale_by_stable_adam", ("clip_fraction", "max_rms", "skipped"))
+@telemetry_state("scale_by_stable_adam", ("clip_fraction", "max_rms", "nonfinite"))
 class ScaleByStableAdamState(NamedTuple):
     """State of :func:`scale_by_stable_adam`: Adam's moments and this step's telemetry."""
 
-    count: jax.Array  # int32, accepted (finite) steps so far
+    count: jax.Array  # int32, steps with at least one finite tensor so far
     mu: optax.Updates  # first moment, float32 (or mu_dtype)
     nu: optax.Updates  # second moment, float32
     clip_fraction: jax.Array  # float32 share of tensors whose learning rate was divided
-    max_rms: jax.Array  # float32 largest per-tensor RMS of g / sqrt(nu_hat) (NaN: step skipped)
-    skipped: jax.Array  # bool, whether this step was non-finite (zero update, state unchanged)
+    max_rms: jax.Array  # float32 largest per-tensor RMS of g / sqrt(nu_hat), finite tensors
+    nonfinite: jax.Array  # float32 number of tensors gated (zero update, moments kept)
 
 
 def scale_by_stable_adam(
@@ -179,8 +182,8 @@ def scale_by_stable_adam(
     ``optax.scale_by_learning_rate`` after it (or use :func:`stable_adamw`).
 
     When no tensor is clipped the result equals ``optax.scale_by_adam`` followed by
-    ``optax.add_decayed_weights``. A step whose gradients are not finite (or whose squares
-    overflow float32) gives zeros and leaves the moments and ``count`` unchanged. Cost: one
+    ``optax.add_decayed_weights``. A tensor whose gradient is not finite (or whose squares
+    overflow float32) gets zeros and keeps its moments; the others step as usual. Cost: one
     reduction per tensor (its inputs, gradient and second moment, read once more) and one fused
     elementwise pass, as Adam's.
 
@@ -203,7 +206,7 @@ def scale_by_stable_adam(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state holds the moments and
-      ``clip_fraction``, ``max_rms``, ``skipped`` (see :func:`jaxstab.telemetry`). The float
+      ``clip_fraction``, ``max_rms``, ``nonfinite`` (see :func:`jaxstab.telemetry`). The float
       hyperparameters may be injected with ``optax.inject_hyperparams``.
 
     Example:
@@ -229,9 +232,7 @@ def scale_by_stable_adam(
     def init_fn(params):
         mu, nu = _init_moments(params, mu_dtype)
         zero = lambda: jnp.zeros((), _F32)  # distinct buffers: states get donated
-        return ScaleByStableAdamState(
-            jnp.zeros((), jnp.int32), mu, nu, zero(), zero(), jnp.zeros((), bool)
-        )
+        return ScaleByStableAdamState(jnp.zeros((), jnp.int32), mu, nu, zero(), zero(), zero())
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -261,38 +262,42 @@ def scale_by_stable_adam(
         ratio_scale = bc2 / (1 - b2_)
         threshold = _hyper(clip_threshold)
         mean_sq = lambda r, n: ratio_scale * r / n  # RMS_t ** 2
-        finite, clip_fraction, max_rms = jnp.asarray(True), jnp.zeros((), _F32), jnp.zeros((), _F32)
-        if gs:  # telemetry and the finiteness test over all tensors at once
+        clip_fraction, max_rms, nonfinite = (jnp.zeros((), _F32) for _ in range(3))
+        any_finite = jnp.asarray(True)
+        if gs:  # telemetry over all tensors at once
             all_rms = jnp.sqrt(mean_sq(jnp.stack(ratio_sums), jnp.stack(sizes)))
-            finite = jnp.all(jnp.isfinite(all_rms))
-            clip_fraction = jnp.mean((all_rms > threshold).astype(_F32)) * finite
-            max_rms = jnp.max(all_rms).astype(_F32)
-        # Each tensor's factor min(1, c / RMS_t) from its own scalars (exactly 1 unless clipped;
-        # 1 for a zero RMS or c = inf): a vector of all of them sliced into every tensor's update
-        # makes XLA's compile time grow quadratically with the number of tensors.
+            finite_each = jnp.isfinite(all_rms)
+            any_finite = jnp.any(finite_each)
+            nonfinite = jnp.sum(~finite_each, dtype=_F32)
+            clip_fraction = jnp.mean((all_rms > threshold).astype(_F32))  # NaN > c is False
+            max_rms = jnp.max(_norms.select(finite_each, all_rms, jnp.zeros_like(all_rms)))
+        # Each tensor's finiteness and factor min(1, c / RMS_t) from its own scalars (exactly 1
+        # unless clipped; 1 for a zero RMS or c = inf; 0 if not finite): a vector of all of them
+        # sliced into every tensor's update makes XLA's compile time grow quadratically with the
+        # number of tensors.
+        finite = [jnp.isfinite(r) for r in ratio_sums]
         factors = [
             _norms.select(
-                finite,
-                jnp.minimum(1.0, threshold * jax.lax.rsqrt(mean_sq(r, n))),
-                jnp.zeros((), _F32),
+                ok, jnp.minimum(1.0, threshold * jax.lax.rsqrt(mean_sq(r, n))), jnp.zeros((), _F32)
             )
-            for r, n in zip(ratio_sums, sizes, strict=True)
+            for ok, r, n in zip(finite, ratio_sums, sizes, strict=True)
         ]
 
         out, out_mu, out_nu = [], [], []
         for i, (g, raw, m, v, decay) in enumerate(zip(gs, grads, mus, nus, decays, strict=True)):
-            m, v = _accept(finite, (1 - b1_) * g + b1_ * m.astype(g.dtype), m, new_nu(g, v), v)
+            new_m, new_v = (1 - b1_) * g + b1_ * m.astype(g.dtype), new_nu(g, v)
+            m, v = _accept(finite[i], new_m, m, new_v, v)
             direction = _adam_direction(m, v, bc1, bc2, eps_, eps_root_)
             out.append(_finish(direction, decay, factors[i], raw.dtype))
             out_mu.append(m.astype(mus[i].dtype))
             out_nu.append(v)
         new_state = ScaleByStableAdamState(
-            jnp.where(finite, step, state.count),
+            jnp.where(any_finite, step, state.count),
             treedef.unflatten(out_mu),
             treedef.unflatten(out_nu),
             clip_fraction,
-            max_rms,
-            ~finite,
+            max_rms.astype(_F32),
+            nonfinite,
         )
         return treedef.unflatten(out), new_state
 
@@ -333,7 +338,7 @@ def stable_adamw(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``, a chain of :func:`scale_by_stable_adam`
-      (telemetry ``clip_fraction``, ``max_rms``, ``skipped``) and
+      (telemetry ``clip_fraction``, ``max_rms``, ``nonfinite``) and
       ``optax.scale_by_learning_rate``.
 
     Example:
@@ -349,7 +354,7 @@ def stable_adamw(
       ...     params = optax.apply_updates(params, updates)
       >>> {k: round(float(v), 3) for k, v in jaxstab.telemetry(state).items()}
       {'0/scale_by_stable_adam/clip_fraction': 1.0, '0/scale_by_stable_adam/max_rms': 1.689,
-       '0/scale_by_stable_adam/skipped': 0.0}
+       '0/scale_by_stable_adam/nonfinite': 0.0}
 
     References:
       Wortsman, Dettmers et al., `Stable and low-precision training for large-scale
@@ -375,16 +380,17 @@ def stable_adamw(
 # SPAM
 
 
-@telemetry_state("scale_by_spam", ("spike_fraction", "scale", "skipped"))
+@telemetry_state("scale_by_spam", ("spike_fraction", "scale", "nonfinite"))
 class ScaleBySpamState(NamedTuple):
     """State of :func:`scale_by_spam`: Adam's moments and this step's telemetry."""
 
-    count: jax.Array  # int32, accepted (finite) steps so far; drives resets and bias correction
+    count: jax.Array  # int32, steps with at least one finite tensor; drives resets and bias
+    # correction
     mu: optax.Updates  # first moment, float32 (or mu_dtype)
     nu: optax.Updates  # second moment, float32
     spike_fraction: jax.Array  # float32 share of entries clipped as spikes (NaN: not counted)
-    scale: jax.Array  # float32 warm-up factor of Adam's direction (0: step skipped)
-    skipped: jax.Array  # bool, whether this step was non-finite (zero update, state unchanged)
+    scale: jax.Array  # float32 warm-up factor of Adam's direction
+    nonfinite: jax.Array  # float32 number of tensors gated (zero update, moments kept)
 
 
 def _clipped_from_new_moment(g, new_v, clip_on, b2, theta):
@@ -459,9 +465,9 @@ def scale_by_spam(
     Defaults are the paper's (:math:`\theta = 5000`, :math:`\Delta T = 500`, :math:`N = 150`;
     20 steps of delay as in its code) except ``eps``, which is ``optax.adamw``'s. With
     ``spike_threshold=None`` and ``reset_interval=None`` this equals ``optax.scale_by_adam``
-    followed by ``optax.add_decayed_weights``. A step whose gradients are not finite (or whose
-    sum of squares in a tensor overflows float32: a norm above about 1.8e19) gives zeros and
-    leaves the moments and ``count`` unchanged. Cost: Adam's passes plus one reduction over the
+    followed by ``optax.add_decayed_weights``. A tensor whose gradient is not finite (or whose
+    sum of squares overflows float32: a norm above about 1.8e19) gets zeros and keeps its
+    moments; the others step as usual. Cost: Adam's passes plus one reduction over the
     gradients (their sums of squares, the finiteness check); ``count_spikes=True`` adds one over
     the gradients and the second moment.
 
@@ -488,7 +494,7 @@ def scale_by_spam(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state holds the moments and
-      ``spike_fraction``, ``scale``, ``skipped`` (see :func:`jaxstab.telemetry`). The float and
+      ``spike_fraction``, ``scale``, ``nonfinite`` (see :func:`jaxstab.telemetry`). The float and
       integer hyperparameters may be injected with ``optax.inject_hyperparams``.
 
     Example:
@@ -521,9 +527,8 @@ def scale_by_spam(
     def init_fn(params):
         mu, nu = _init_moments(params, mu_dtype)
         zero = lambda: jnp.zeros((), _F32)  # distinct buffers: states get donated
-        return ScaleBySpamState(
-            jnp.zeros((), jnp.int32), mu, nu, zero(), jnp.ones((), _F32), jnp.zeros((), bool)
-        )
+        count = jnp.zeros((), jnp.int32)
+        return ScaleBySpamState(count, mu, nu, zero(), jnp.ones((), _F32), zero())
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -554,7 +559,7 @@ def scale_by_spam(
             return g, g2, clip_on & (v > 0) & (g2 > theta * v)
 
         # Before the update, one reduction per tensor: its sum of squares (not finite: a NaN/Inf
-        # or an overflowing square or norm, and the step is skipped) and, if asked, the spike
+        # or an overflowing square or norm, and the tensor is gated) and, if asked, the spike
         # count. A sum of squares is the cheapest reduction XLA:CPU runs (about half the time
         # of a largest magnitude); the barrier keeps XLA from sharing its squares with the
         # second moment's update (it would write them out as a full array).
@@ -567,13 +572,13 @@ def scale_by_spam(
         )
         if axis_name is not None:
             sums = jax.lax.psum(sums, axis_name)
-        finite = jnp.all(jnp.isfinite(sums))
-        factor = finite.astype(_F32)
-        # The warm-up factor of the direction (0 if the step is skipped) as a reduction's output:
-        # XLA computes it once. As plain scalar arithmetic it would be copied into every
-        # tensor's update, a cosine each, multiplying compile time.
-        warm_each = jnp.broadcast_to(warm, sums.shape)
-        scale = jnp.min(_norms.select(jnp.isfinite(sums), warm_each, jnp.zeros_like(warm_each)))
+        finite_each = jnp.isfinite(sums)
+        any_finite = jnp.any(finite_each) | (not grads)
+        nonfinite = jnp.sum(~finite_each, dtype=_F32) if grads else jnp.zeros((), _F32)
+        # The warm-up factor of the direction as a reduction's output: XLA computes it once. As
+        # plain scalar arithmetic it would be copied into every tensor's update, a cosine each,
+        # multiplying compile time.
+        scale = jnp.min(jnp.broadcast_to(warm, sums.shape))
         spike_fraction = jnp.full((), 0.0 if count_spikes else jnp.nan, _F32)
         if spike_threshold is not None and grads and count_spikes:
             counts = jnp.stack(
@@ -582,12 +587,12 @@ def scale_by_spam(
             sizes = jnp.asarray([g.size for g in grads], _F32)
             if axis_name is not None:
                 counts, sizes = jax.lax.psum((counts, sizes), axis_name)
-            spike_fraction = _norms.select(
-                finite, jnp.sum(counts) / jnp.maximum(jnp.sum(sizes), 1), jnp.zeros((), _F32)
-            )
+            counts = _norms.select(finite_each, counts, jnp.zeros_like(counts))
+            spike_fraction = jnp.sum(counts) / jnp.maximum(jnp.sum(sizes), 1)
 
         out, out_mu, out_nu = [], [], []
-        for raw, m, v, decay in zip(grads, mus, nus, decays, strict=True):
+        for i, (raw, m, v, decay) in enumerate(zip(grads, mus, nus, decays, strict=True)):
+            finite = jnp.isfinite(sums[i])
             g, g2, spike = start(raw, v)
             if spike is not None:
                 g2 = _norms.select(spike, theta * v, g2)  # the clipped gradient, squared
@@ -598,16 +603,16 @@ def scale_by_spam(
                 finite, (1 - b1_) * g + b1_m * m.astype(g.dtype), m.astype(g.dtype)
             )
             direction = scale * _adam_direction(sel_m, sel_v, bc1, bc2, eps_, eps_root_)
-            out.append(_finish(direction, decay, factor, raw.dtype))
+            out.append(_finish(direction, decay, finite.astype(_F32), raw.dtype))
             out_mu.append(sel_m.astype(m.dtype))
             out_nu.append(sel_v)
         new_state = ScaleBySpamState(
-            jnp.where(finite, step, state.count),
+            jnp.where(any_finite, step, state.count),
             treedef.unflatten(out_mu),
             treedef.unflatten(out_nu),
             spike_fraction,
             scale,
-            ~finite,
+            nonfinite,
         )
         return treedef.unflatten(out), new_state
 
@@ -652,7 +657,7 @@ def spam(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``, a chain of :func:`scale_by_spam` (telemetry
-      ``spike_fraction``, ``scale``, ``skipped``) and ``optax.scale_by_learning_rate``.
+      ``spike_fraction``, ``scale``, ``nonfinite``) and ``optax.scale_by_learning_rate``.
 
     Example:
       >>> import jax.numpy as jnp, optax, jaxstab
@@ -661,10 +666,10 @@ def spam(
       >>> params = {"w": jnp.ones(3)}
       >>> state = tx.init(params)
       >>> updates, state = tx.update({"w": jnp.full(3, jnp.nan)}, state, params)
-      >>> updates["w"], int(state[0].count)  # a NaN step: zero update, nothing learned
+      >>> updates["w"], int(state[0].count)  # a NaN tensor: zero update, nothing learned
       (Array([0., 0., 0.], dtype=float32), 0)
       >>> sorted(jaxstab.telemetry(state))
-      ['0/scale_by_spam/scale', '0/scale_by_spam/skipped', '0/scale_by_spam/spike_fraction']
+      ['0/scale_by_spam/nonfinite', '0/scale_by_spam/scale', '0/scale_by_spam/spike_fraction']
 
     References:
       Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training

@@ -206,6 +206,38 @@ def test_non_finite_steps_yield_zeros_and_leave_every_later_factor_unchanged(nam
     jax.tree.map(np.testing.assert_array_equal, final, clean_final)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38])
+def test_adagc_zeroes_a_non_finite_tensor_alone_and_keeps_its_threshold(bad):
+    """After warm-up each tensor's factor is its own: a NaN/Inf (or a norm past float32) in "b"
+    zeroes "b" and keeps its threshold, while "a" and "c" step exactly as in the clean run."""
+    rng = np.random.default_rng(5)
+    steps = [
+        {k: jnp.asarray(rng.normal(size=(4,)) * (1 + 5 * (i == 12)), jnp.float32) for k in "abc"}
+        for i in range(20)
+    ]
+    hit = {2, 9, 10, 15}  # in warm-up, after it, twice in a row
+    dirty = [{**g, "b": g["b"].at[1:3].set(bad)} if i in hit else g for i, g in enumerate(steps)]
+    tx = adagc(warmup_steps=4)
+    update = jax.jit(tx.update)
+    clean_state = dirty_state = tx.init(steps[0])
+    for i, (g_clean, g_dirty) in enumerate(zip(steps, dirty, strict=True)):
+        want, clean_state = update(g_clean, clean_state)
+        before = dirty_state
+        got, dirty_state = update(g_dirty, dirty_state)
+        assert int(dirty_state.count) == i + 1
+        if i not in hit:
+            assert float(dirty_state.nonfinite) == 0.0
+            continue
+        assert float(dirty_state.nonfinite) == 1.0
+        np.testing.assert_array_equal(got["b"], 0.0)
+        assert dirty_state.ema[1] == before.ema[1]
+        if i >= 4:  # after warm-up "a" and "c" do not depend on "b" at all
+            np.testing.assert_array_equal(got["a"], want["a"])
+            np.testing.assert_array_equal(got["c"], want["c"])
+        assert all(bool(jnp.all(jnp.isfinite(x) & (x != 0))) for x in (got["a"], got["c"]))
+    assert all(bool(jnp.isfinite(e)) for e in dirty_state.ema)
+
+
 def test_zscore_clip_keeps_statistics_in_float32_and_needs_no_host_sync():
     final, _, _ = run_jitted(zscore_clip(warmup_steps=3), spiky_norms(20, 0))
     assert final.stats.mean.dtype == final.stats.var.dtype == jnp.float32
@@ -388,7 +420,7 @@ def test_checkpoint_round_trip_mid_run_and_telemetry():
     chex.assert_trees_all_equal((params, state), (full_params, full_state))
 
     tele = jaxstab.telemetry(state)
-    fields = {"zscore_clip": 4, "quantile_clip": 4, "adagc": 2}
+    fields = {"zscore_clip": 4, "quantile_clip": 4, "adagc": 3}
     assert len(tele) == sum(fields.values())
     for i, name in enumerate(NAMES):
         assert len([k for k in tele if k.startswith(f"0/{i}/{name}/")]) == fields[name]

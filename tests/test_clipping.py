@@ -228,13 +228,30 @@ class AdaptiveGradClipTest(chex.TestCase):
         assert 0 < clipped < 9
         np.testing.assert_allclose(state.clip_fraction, clipped / 9)
 
-    def test_non_finite_step_gives_zeros(self):
-        params = {"a": jnp.ones((3, 2)), "head": jnp.ones((2,))}
-        grads = {"a": jnp.ones((3, 2)).at[0, 0].set(jnp.nan), "head": jnp.ones((2,))}
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_non_finite_units_are_zeroed_alone(self):
+        """A NaN/Inf zeroes its own unit (an excluded leaf: the whole leaf); the other units get
+        what they get from a finite step, and ``nonfinite`` counts the zeroed ones."""
+        rng = np.random.default_rng(3)
+        params = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "head": jnp.ones((2,))}
+        clean = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "head": jnp.ones((2,))}
         tx = jaxstab.adaptive_grad_clip(0.1, exclude="head")
-        out, state = tx.update(grads, tx.init(params), params)
-        chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, grads))
-        assert np.isnan(state.grad_norm)
+        update = self.variant(tx.update)
+        want, _ = update(clean, tx.init(params), params)
+        for bad in (jnp.nan, jnp.inf, -jnp.inf):
+            grads = {"a": clean["a"].at[1, 2].set(bad).at[0, 0].set(bad), "head": clean["head"]}
+            out, state = update(grads, tx.init(params), params)
+            np.testing.assert_array_equal(out["a"][:, [1, 3]], want["a"][:, [1, 3]])
+            np.testing.assert_array_equal(out["a"][:, [0, 2]], 0.0)
+            np.testing.assert_array_equal(out["head"], want["head"])
+            assert float(state.nonfinite) == 2.0 and not np.isfinite(state.grad_norm)
+            grads = {"a": clean["a"], "head": clean["head"].at[0].set(bad)}
+            out, state = update(grads, tx.init(params), params)
+            np.testing.assert_array_equal(out["a"], want["a"])
+            np.testing.assert_array_equal(out["head"], 0.0)
+            assert float(state.nonfinite) == 1.0
+        _, state = update(clean, tx.init(params), params)
+        assert float(state.nonfinite) == 0.0 and np.isfinite(state.grad_norm)
 
     def test_overflowing_gradients_are_clipped_not_zeroed(self):
         params = {"Dense_0": {"kernel": jnp.ones((4, 2))}}
@@ -352,7 +369,8 @@ def test_agc_telemetry_through_chain():
     tx = optax.chain(jaxstab.adaptive_grad_clip(0.01), optax.sgd(0.1))
     _, state = jax.jit(tx.update)(grads, tx.init(params), params)
     tel = jaxstab.telemetry(state)
-    assert set(tel) == {"0/adaptive_grad_clip/grad_norm", "0/adaptive_grad_clip/clip_fraction"}
+    fields = ("grad_norm", "clip_fraction", "nonfinite")
+    assert set(tel) == {f"0/adaptive_grad_clip/{f}" for f in fields}
     np.testing.assert_allclose(tel["0/adaptive_grad_clip/grad_norm"], tree_norm(grads), rtol=1e-5)
     assert 0.0 < float(tel["0/adaptive_grad_clip/clip_fraction"]) <= 1.0
 

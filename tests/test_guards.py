@@ -70,6 +70,14 @@ INNERS = {
         optax.adam(1e-2)
     ),
     "zscore_clip+adam": lambda: optax.chain(zscore_clip(warmup_steps=3), optax.adam(1e-2)),
+    # Per-unit and per-tensor transforms zero only a non-finite unit or tensor themselves; the
+    # guard around them skips the whole step, their state included.
+    "chain(adaptive_grad_clip, adam)": lambda: optax.chain(
+        jaxstab.adaptive_grad_clip(0.05), optax.adam(1e-2)
+    ),
+    "chain(adagc, adam)": lambda: optax.chain(jaxstab.adagc(warmup_steps=3), optax.adam(1e-2)),
+    "stable_adamw": lambda: jaxstab.stable_adamw(1e-2, weight_decay=0.1),
+    "spam": lambda: jaxstab.spam(1e-2, reset_interval=10, warmup_steps=3),
 }
 
 

@@ -297,7 +297,7 @@ def test_stable_adam_zero_gradients_are_not_a_skipped_step_even_with_eps_zero():
     state = tx.init(grads)
     for _ in range(3):
         u, state = tx.update(grads, state)
-    assert not bool(state.skipped) and int(state.count) == 3
+    assert float(state.nonfinite) == 0.0 and int(state.count) == 3
     np.testing.assert_allclose(u["b"], 1.0, rtol=1e-5)
     assert float(state.max_rms) == pytest.approx(1.0, rel=1e-5)
 
@@ -478,42 +478,68 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e20])
-def test_non_finite_step_is_a_zero_update_that_never_happened(name, bad):
+def test_a_non_finite_tensor_gets_a_zero_update_and_keeps_its_moments(name, bad):
+    """Per tensor: "bias" holds a NaN/Inf (1e20: its square overflows) at step 5; it gets zeros
+    and keeps its moments, the other tensors get exactly what a finite "bias" would have given
+    them, the count advances, ``nonfinite`` counts 1, and every later update stays finite."""
     tx = OPTIMIZERS[name]()
     params = params_tree()
     clean = grad_steps(8, spikes=[(3, "kernel", 30.0)])
-    dirty = [*clean[:5], {**clean[5], "bias": clean[5]["bias"].at[1].set(bad)}, *clean[5:]]
+    dirty = [*clean[:5], {**clean[5], "bias": clean[5]["bias"].at[1].set(bad)}, *clean[6:]]
     update = jax.jit(tx.update)
-    want, _, want_state = run(tx, params, clean, update)
     state = tx.init(params)
-    got = []
     for i, g in enumerate(dirty):
         before = state
         u, state = update(g, state, params)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+        assert int(state[0].count) == i + 1
+        assert float(state[0].nonfinite) == (i == 5)
         if i == 5:
-            chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, u))
-            chex.assert_trees_all_equal(state[0].mu, before[0].mu)
-            chex.assert_trees_all_equal(state[0].nu, before[0].nu)
-            assert int(state[0].count) == int(before[0].count) and bool(state[0].skipped)
-            continue
+            want_u, want = update(clean[5], before, params)
+            np.testing.assert_array_equal(u["bias"], 0.0)
+            for moment in ("mu", "nu"):
+                got_m, old_m = getattr(state[0], moment), getattr(before[0], moment)
+                want_m = getattr(want[0], moment)
+                np.testing.assert_array_equal(got_m["bias"], old_m["bias"])
+                chex.assert_trees_all_equal(
+                    {k: got_m[k] for k in ("kernel", "scale")},
+                    {k: want_m[k] for k in ("kernel", "scale")},
+                )
+            chex.assert_trees_all_equal(
+                {k: u[k] for k in ("kernel", "scale")}, {k: want_u[k] for k in ("kernel", "scale")}
+            )
         params = optax.apply_updates(params, u)
-        got.append(u)
-    chex.assert_trees_all_equal(got, want)
-    chex.assert_trees_all_equal(state[0].mu, want_state[0].mu)
 
 
-def test_a_tensor_norm_past_float32_is_skipped_by_spam_and_handled_by_stable_adamw():
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_step_with_no_finite_tensor_never_happened(name):
+    tx = OPTIMIZERS[name]()
+    params = params_tree()
+    clean = grad_steps(6)
+    dirty = [*clean[:3], jax.tree.map(lambda g: g.at[...].set(np.nan), clean[3]), *clean[3:]]
+    update = jax.jit(tx.update)
+    want, _, want_state = run(tx, params, clean, update)
+    got, _, got_state = run(tx, params, dirty, update)
+    chex.assert_trees_all_equal(got[3], jax.tree.map(jnp.zeros_like, got[3]))
+    chex.assert_trees_all_equal([*got[:3], *got[4:]], want)
+    chex.assert_trees_all_equal(got_state[0].mu, want_state[0].mu)
+    chex.assert_trees_all_equal(got_state[0].nu, want_state[0].nu)
+    assert int(got_state[0].count) == int(want_state[0].count)
+
+
+def test_a_tensor_norm_past_float32_is_gated_by_spam_and_handled_by_stable_adamw():
     # Every square is finite (2.25e38) but the bias's sum of squares is not: SPAM's finiteness
-    # test (a sum of squares per tensor) skips the step; StableAdamW's ratios stay finite.
+    # test (a sum of squares per tensor) gates that tensor; StableAdamW's ratios stay finite.
     params = params_tree()
     g = {**grad_steps(1)[0], "bias": jnp.full(SHAPES["bias"], 1.5e19)}
     tx = spam(1e-3)
     u, state = jax.jit(tx.update)(g, tx.init(params), params)
-    assert bool(state[0].skipped) and int(state[0].count) == 0
-    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, u))
+    assert float(state[0].nonfinite) == 1.0 and int(state[0].count) == 1
+    np.testing.assert_array_equal(u["bias"], 0.0)
+    assert all(bool(jnp.all(u[k] != 0)) for k in ("kernel", "scale"))
     tx = stable_adamw(1e-3)
     u, state = jax.jit(tx.update)(g, tx.init(params), params)
-    assert not bool(state[0].skipped) and int(state[0].count) == 1
+    assert float(state[0].nonfinite) == 0.0 and int(state[0].count) == 1
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
     want, _ = optax.adamw(1e-3).update(g, optax.adamw(1e-3).init(params), params)
     chex.assert_trees_all_close(u, want, rtol=1e-6)  # the first step: RMS 1, nothing clipped
@@ -599,11 +625,11 @@ def test_telemetry_through_wrappers():
     _, _, state = run(tx, params, steps)
     tel = jaxstab.telemetry(state)
     prefix = "1/inner_state/0/scale_by_stable_adam/"
-    assert set(tel) == {prefix + f for f in ("clip_fraction", "max_rms", "skipped")}
+    assert set(tel) == {prefix + f for f in ("clip_fraction", "max_rms", "nonfinite")}
     assert float(tel[prefix + "clip_fraction"]) > 0 and float(tel[prefix + "max_rms"]) > 1
     _, _, state = run(optax.MultiSteps(spam(1e-2), 2), params, steps)
     assert set(jaxstab.telemetry(state)) == {
-        f"inner_opt_state/0/scale_by_spam/{f}" for f in ("spike_fraction", "scale", "skipped")
+        f"inner_opt_state/0/scale_by_spam/{f}" for f in ("spike_fraction", "scale", "nonfinite")
     }
 
 
