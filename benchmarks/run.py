@@ -12,6 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
+    "bench_train_step.py",
     "bench_clip.py",
     "bench_adaptive.py",
     "bench_batchnorm.py",

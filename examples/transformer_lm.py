@@ -95,27 +95,44 @@ def sample_batch(data: jax.Array, key: jax.Array, batch: int = BATCH) -> jax.Arr
 
 class Block(nn.Module):
     normalize_qk: bool
+    width: int
+    heads: int
+    attention_fn: Callable = dot_product_attention
 
     @nn.compact
     def __call__(self, x, mask):
         attn = nn.MultiHeadDotProductAttention(
-            HEADS, normalize_qk=self.normalize_qk, attention_fn=dot_product_attention, name="attn"
+            self.heads,
+            normalize_qk=self.normalize_qk,
+            attention_fn=self.attention_fn,
+            name="attn",
         )
         x = x + attn(nn.LayerNorm()(x), mask=mask, sow_weights=True)
-        h = nn.gelu(nn.Dense(4 * WIDTH)(nn.LayerNorm()(x)))
-        return x + nn.Dense(WIDTH)(h)
+        h = nn.gelu(nn.Dense(4 * self.width)(nn.LayerNorm()(x)))
+        return x + nn.Dense(self.width)(h)
 
 
 class GPT(nn.Module):
+    """A pre-LayerNorm GPT over bytes; by default the lab's size, recording attention logits
+    (``attention_fn``: jaxstab's recording attention; ``nn.dot_product_attention`` records none).
+    """
+
     normalize_qk: bool = False
+    layers: int = LAYERS
+    width: int = WIDTH
+    heads: int = HEADS
+    attention_fn: Callable = dot_product_attention
 
     @nn.compact
     def __call__(self, tokens):
         mask = nn.make_causal_mask(tokens)
-        x = nn.Embed(VOCAB, WIDTH)(tokens)
-        x = x + self.param("pos", nn.initializers.normal(0.02), (CONTEXT, WIDTH))
-        for i in range(LAYERS):
-            x = Block(self.normalize_qk, name=f"Block_{i}")(x, mask)
+        x = nn.Embed(VOCAB, self.width)(tokens)
+        x = x + self.param("pos", nn.initializers.normal(0.02), (CONTEXT, self.width))
+        for i in range(self.layers):
+            block = Block(
+                self.normalize_qk, self.width, self.heads, self.attention_fn, name=f"Block_{i}"
+            )
+            x = block(x, mask)
         return nn.Dense(VOCAB, name="head")(nn.LayerNorm()(x))
 
 
