@@ -563,15 +563,16 @@ def scale_by_spam(
         # count. A sum of squares is the cheapest reduction XLA:CPU runs (about half the time
         # of a largest magnitude); the barrier keeps XLA from sharing its squares with the
         # second moment's update (it would write them out as a full array).
-        sums = jnp.stack(
-            [
-                jnp.sum(_norms.abs_sq(x.astype(_stat_dtype(x.dtype))))
-                for x in jax.lax.optimization_barrier(grads)
-            ]
-            or [jnp.zeros(())]
-        )
+        each = [
+            jnp.sum(_norms.abs_sq(x.astype(_stat_dtype(x.dtype))))
+            for x in jax.lax.optimization_barrier(grads)
+        ]
         if axis_name is not None:
-            sums = jax.lax.psum(sums, axis_name)
+            each = jax.lax.psum(each, axis_name)
+        # Each tensor is gated by its own scalar: slicing one vector of all of them into every
+        # tensor's update makes XLA's compile time grow quadratically with the tensors.
+        finite = [jnp.isfinite(x) for x in each]
+        sums = jnp.stack(each or [jnp.zeros(())])  # telemetry, all tensors at once
         finite_each = jnp.isfinite(sums)
         any_finite = jnp.any(finite_each) | (not grads)
         nonfinite = jnp.sum(~finite_each, dtype=_F32) if grads else jnp.zeros((), _F32)
@@ -591,19 +592,18 @@ def scale_by_spam(
             spike_fraction = jnp.sum(counts) / jnp.maximum(jnp.sum(sizes), 1)
 
         out, out_mu, out_nu = [], [], []
-        for i, (raw, m, v, decay) in enumerate(zip(grads, mus, nus, decays, strict=True)):
-            finite = jnp.isfinite(sums[i])
+        for ok, raw, m, v, decay in zip(finite, grads, mus, nus, decays, strict=True):
             g, g2, spike = start(raw, v)
             if spike is not None:
                 g2 = _norms.select(spike, theta * v, g2)  # the clipped gradient, squared
-            sel_v = _norms.select(finite, (1 - b2_) * g2 + b2_v * v, v)
+            sel_v = _norms.select(ok, (1 - b2_) * g2 + b2_v * v, v)
             if spike is not None:
                 g = _clipped_from_new_moment(g, sel_v, clip_on, b2_, theta)
             sel_m = _norms.select(
-                finite, (1 - b1_) * g + b1_m * m.astype(g.dtype), m.astype(g.dtype)
+                ok, (1 - b1_) * g + b1_m * m.astype(g.dtype), m.astype(g.dtype)
             )
             direction = scale * _adam_direction(sel_m, sel_v, bc1, bc2, eps_, eps_root_)
-            out.append(_finish(direction, decay, finite.astype(_F32), raw.dtype))
+            out.append(_finish(direction, decay, ok.astype(_F32), raw.dtype))
             out_mu.append(sel_m.astype(m.dtype))
             out_nu.append(sel_v)
         new_state = ScaleBySpamState(
