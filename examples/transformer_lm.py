@@ -141,38 +141,47 @@ class GPT(nn.Module):
 
 
 class Method(NamedTuple):
-    """A way to train: ``optimizer(schedule)`` builds the transform; ``normalize_qk`` the model."""
+    """A way to train: ``optimizer(schedule, weight_decay)`` builds the transform;
+    ``normalize_qk`` the model."""
 
-    optimizer: Callable[[optax.Schedule], optax.GradientTransformation]
+    optimizer: Callable[..., optax.GradientTransformation]
     normalize_qk: bool = False
 
 
-def adamw(schedule):
-    return optax.adamw(schedule, b2=0.95, weight_decay=WEIGHT_DECAY)
+def adamw(schedule, wd=WEIGHT_DECAY):
+    return optax.adamw(schedule, b2=0.95, weight_decay=wd)
+
+
+def before_adamw(transform: Callable[[], optax.GradientTransformation]) -> Method:
+    """A gradient transformation chained before AdamW."""
+    return Method(lambda lr, wd=WEIGHT_DECAY: optax.chain(transform(), adamw(lr, wd)))
+
+
+def after_adamw(transform: Callable[[], optax.GradientTransformation]) -> Method:
+    """A transformation of AdamW's update, chained after it."""
+    return Method(lambda lr, wd=WEIGHT_DECAY: optax.chain(adamw(lr, wd), transform()))
 
 
 METHODS: dict[str, Method] = {
     "AdamW": Method(adamw),
-    "AdamW + clip_by_global_norm(1)": Method(
-        lambda lr: optax.chain(jaxstab.clip_by_global_norm(1.0), adamw(lr))
-    ),
-    "AdamW + zscore_clip": Method(lambda lr: optax.chain(zscore_clip(), adamw(lr))),
-    "skip_anomalies(AdamW)": Method(lambda lr: skip_anomalies(adamw(lr))),
-    "AdamW + adagc": Method(lambda lr: optax.chain(adagc(), adamw(lr))),
-    "AdamW + qk_clip(100)": Method(lambda lr: optax.chain(adamw(lr), qk_clip(100.0))),
-    "AdamW + qk_clip(30)": Method(lambda lr: optax.chain(adamw(lr), qk_clip(30.0))),
+    "AdamW + clip_by_global_norm(1)": before_adamw(lambda: jaxstab.clip_by_global_norm(1.0)),
+    "AdamW + zscore_clip": before_adamw(zscore_clip),
+    "skip_anomalies(AdamW)": Method(lambda lr, wd=WEIGHT_DECAY: skip_anomalies(adamw(lr, wd))),
+    "AdamW + adagc": before_adamw(adagc),
+    "AdamW + qk_clip(100)": after_adamw(lambda: qk_clip(100.0)),
+    "AdamW + qk_clip(30)": after_adamw(lambda: qk_clip(30.0)),
     "AdamW, qk-norm model": Method(adamw, normalize_qk=True),
     # update-side stabilizers, with AdamW's hyperparameters
     "stable_adamw": Method(
-        lambda lr: jaxstab.stable_adamw(lr, b2=0.95, weight_decay=WEIGHT_DECAY)
+        lambda lr, wd=WEIGHT_DECAY: jaxstab.stable_adamw(lr, b2=0.95, weight_decay=wd)
     ),
     # SPAM's moment resets scaled to a 500-step run (the paper's 500/150 suit long runs)
     "spam": Method(
-        lambda lr: jaxstab.spam(
-            lr, b2=0.95, weight_decay=WEIGHT_DECAY, reset_interval=250, warmup_steps=75
+        lambda lr, wd=WEIGHT_DECAY: jaxstab.spam(
+            lr, b2=0.95, weight_decay=wd, reset_interval=250, warmup_steps=75
         )
     ),
-    "AdamW + zscore_clip on the update": Method(lambda lr: optax.chain(adamw(lr), zscore_clip())),
+    "AdamW + zscore_clip on the update": after_adamw(zscore_clip),
 }
 
 
@@ -186,17 +195,20 @@ class Curves(NamedTuple):
     loss: np.ndarray
     grad_norm: np.ndarray  # global norm of the raw gradient
     max_logit: np.ndarray  # largest causal pre-softmax logit over layers and heads
+    max_output_logit: np.ndarray  # largest output (next-byte) logit of the batch
+    log_normalizer: np.ndarray  # mean over tokens of logsumexp of the output logits
     val_loss: float
 
 
-def make_sweep(method: Method, train, val, steps: int):
+def make_sweep(method: Method, train, val, steps: int, weight_decay: float = WEIGHT_DECAY):
     """``sweep(rates, seeds) -> Curves`` arrays with leading axes (rates x seeds), jitted."""
     model = GPT(method.normalize_qk)
 
     def loss_fn(params, tokens):
         logits, sown = model.apply({"params": params}, tokens[:, :-1], mutable=[COLLECTION])
         loss = common.cross_entropy(logits, tokens[:, 1:])
-        return loss, max_logits(sown)
+        output = (jnp.max(logits), jnp.mean(jax.nn.logsumexp(logits, axis=-1)))
+        return loss, (max_logits(sown), output)
 
     def run(rate, seed):
         key_init, key_data = jax.random.split(jax.random.key(seed))
@@ -205,41 +217,44 @@ def make_sweep(method: Method, train, val, steps: int):
             0.0, 1.0, max(1, int(WARMUP_FRACTION * steps)), steps
         )
         schedule = lambda count: rate * unit(count)
-        tx = optax.with_extra_args_support(method.optimizer(schedule))
+        tx = optax.with_extra_args_support(method.optimizer(schedule, weight_decay))
 
         def step(carry, key):
             params, opt_state = carry
             tokens = sample_batch(train, key)
-            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
+            (loss, (logits, output)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, tokens
+            )
             updates, opt_state = tx.update(grads, opt_state, params, max_logits=logits)
             params = optax.apply_updates(params, updates)
             top = jnp.max(jnp.stack([jnp.max(s) for s in jax.tree.leaves(logits)]))
-            return (params, opt_state), (loss, jaxstab.global_norm(grads), top)
+            return (params, opt_state), (loss, jaxstab.global_norm(grads), top, *output)
 
         keys = jax.random.split(key_data, steps)
-        (params, _), (loss, norm, top) = jax.lax.scan(step, (params, tx.init(params)), keys)
+        (params, _), curves = jax.lax.scan(step, (params, tx.init(params)), keys)
         val_keys = jax.random.split(jax.random.key(12345), VAL_BATCHES)  # the same for all runs
         val_loss = jnp.mean(
             jax.lax.map(lambda k: loss_fn(params, sample_batch(val, k))[0], val_keys)
         )
-        return loss, norm, top, val_loss
+        return *curves, val_loss
 
     grid = jax.vmap(jax.vmap(run, in_axes=(None, 0)), in_axes=(0, None))
     return jax.jit(grid)
 
 
 def sweep(names: Sequence[str], rates: Sequence[float], seeds: Sequence[int], steps: int,
-          *, progress: bool = True) -> dict[str, list[list[Curves]]]:  # fmt: skip
+          *, progress: bool = True, weight_decay: float = WEIGHT_DECAY,
+          ) -> dict[str, list[list[Curves]]]:  # fmt: skip
     """``{method: curves[rate][seed]}`` for every method in ``names``."""
     train, val = load_corpus()
     out = {}
     for name in names:
         start = time.perf_counter()
-        fn = make_sweep(METHODS[name], train, val, steps)
+        fn = make_sweep(METHODS[name], train, val, steps, weight_decay)
         arrays = fn(jnp.asarray(rates, jnp.float32), jnp.asarray(seeds, jnp.int32))
-        loss, norm, top, val_loss = (np.asarray(a) for a in arrays)
+        *curves, val_loss = (np.asarray(a) for a in arrays)
         out[name] = [
-            [Curves(loss[i, j], norm[i, j], top[i, j], float(val_loss[i, j]))
+            [Curves(*(c[i, j] for c in curves), float(val_loss[i, j]))
              for j in range(len(seeds))]
             for i in range(len(rates))
         ]  # fmt: skip
@@ -280,6 +295,10 @@ def summarize(curves: list[list[Curves]], rates: Sequence[float], last: int = 10
         "max_grad_norm": common.nanmax(np.concatenate([c.grad_norm for c in every])),
         "max_logit": common.nanmax(np.concatenate([c.max_logit for c in every])),
         "late_logit": common.nanmax(np.concatenate([c.max_logit[-last:] for c in every])),
+        "max_output_logit": common.nanmax(np.concatenate([c.max_output_logit for c in every])),
+        "late_log_normalizer": common.nanmax(
+            np.array([np.mean(c.log_normalizer[-last:]) for c in every])
+        ),
         "final_per_rate": mean,
         "logit_per_rate": np.array([max(np.nanmax(c.max_logit) for c in r) for r in curves]),
     }
@@ -296,6 +315,8 @@ COLUMNS = [
     ("max_grad_norm", "max grad norm", "{:.3g}"),
     ("max_logit", "max logit", "{:.4g}"),
     ("late_logit", "max logit, last 100 steps", "{:.4g}"),
+    ("max_output_logit", "max output logit", "{:.4g}"),
+    ("late_log_normalizer", "log-normalizer, last 100 steps", "{:.3g}"),
 ]
 
 
@@ -324,13 +345,17 @@ def run(
     *,
     rates: Sequence[float] = SWEEP_RATES,
     seeds: int = 2,
+    weight_decay: float = WEIGHT_DECAY,
 ) -> dict:
     start = time.perf_counter()
     names = list(names or METHODS)
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    results = sweep(names, rates, range(seed, seed + seeds), steps, progress=progress)
+    results = sweep(
+        names, rates, range(seed, seed + seeds), steps, progress=progress,
+        weight_decay=weight_decay,
+    )  # fmt: skip
     rows = [{"method": name, **summarize(curves, rates)} for name, curves in results.items()]
     base = next((r["sensitivity"] for r in rows if r["method"] == "AdamW"), None)
     for row in rows:
@@ -342,12 +367,15 @@ def run(
     figure = plot(rows, rates, title, os.path.join(out_dir, "transformer_lm.png"))
     about = (
         f"{LAYERS} layers, width {WIDTH}, {HEADS} heads, context {CONTEXT}, batch {BATCH}; "
-        f"AdamW (b2 0.95, weight decay {WEIGHT_DECAY}), warm-up {WARMUP_FRACTION:.0%} then "
+        f"AdamW (b2 0.95, weight decay {weight_decay}), warm-up {WARMUP_FRACTION:.0%} then "
         f"cosine; peak "
         f"rates {', '.join(f'{r:g}' for r in rates)}. Val loss in nats/byte, seed-averaged; "
         "LR sensitivity: mean over rates of final loss minus the best (lower is flatter); "
         f"spikes: {SPIKE_WINDOW}-step mean loss > {SPIKE_NATS} nats above its running min; "
-        "max logit: the largest causal pre-softmax attention logit q.k/sqrt(d) of any step."
+        "max logit: the largest causal pre-softmax attention logit q.k/sqrt(d) of any step; "
+        "max output logit: the largest next-byte logit of any step; log-normalizer: the mean "
+        "over tokens of logsumexp of the output logits, over the last 100 steps (the largest "
+        "run's; its drift is the output-logit divergence the z-loss cures)."
     )
     return common.scenario_result(
         "transformer_lm", title, about, rows, COLUMNS, results, figure, start
@@ -364,9 +392,12 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="all methods, 5 rates, 2 seeds")
     parser.add_argument("--rates", type=float, nargs="*", default=list(SWEEP_RATES))
     parser.add_argument("--seeds", type=int, default=2, help="seeds per rate")
+    parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
+                        help="AdamW's (and the stabilizers') decoupled weight decay")  # fmt: skip
     args = parser.parse_args(argv)
     names = None if args.sweep else args.methods
-    result = run(args.steps, args.seed, args.out, names, rates=args.rates, seeds=args.seeds)
+    result = run(args.steps, args.seed, args.out, names, rates=args.rates, seeds=args.seeds,
+                 weight_decay=args.weight_decay)  # fmt: skip
     print(result["title"], result["about"], result["table"], f"plot: {result['figure']}",
           f"({result['seconds']:.0f} s)", sep="\n")  # fmt: skip
 
