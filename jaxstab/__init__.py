@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from jaxstab import nn
 from jaxstab._norms import flax_unit_axes, global_norm
+from jaxstab.adam_atan2 import ScaleByAdamAtan2State, adam_atan2, scale_by_adam_atan2
 from jaxstab.adaptive import (
     AdagcState,
     QuantileClipState,
@@ -69,6 +70,7 @@ __all__ = [
     "OrbaxSnapshots",
     "QKClipState",
     "QuantileClipState",
+    "ScaleByAdamAtan2State",
     "ScaleBySpamState",
     "ScaleByStableAdamState",
     "SkipAnomaliesState",
@@ -77,6 +79,7 @@ __all__ = [
     "SpikeRecoveryState",
     "ZScoreClipState",
     "adagc",
+    "adam_atan2",
     "adaptive_grad_clip",
     "all_finite",
     "attention_flax",
@@ -95,6 +98,7 @@ __all__ = [
     "qk_clip",
     "quantile_clip",
     "renorm_schedules",
+    "scale_by_adam_atan2",
     "scale_by_spam",
     "scale_by_stable_adam",
     "skip_anomalies",

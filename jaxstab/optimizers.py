@@ -23,15 +23,14 @@ SPAM's spike test take the modulus, and a clipped spike keeps its phase).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxstab import _checks, _norms
+from jaxstab import _adam, _checks, _norms
+from jaxstab._adam import Mask
 from jaxstab._norms import AxisName
 from jaxstab.telemetry import telemetry_state
 
@@ -40,97 +39,6 @@ _F32 = jnp.float32
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 # SPAM's warm-up starts at 1 - _WARMUP_DROP of the update (the reference code's cosine schedule).
 _WARMUP_DROP = 0.99
-
-Mask = Any | Callable[[optax.Params], Any] | None
-
-
-def _hyper(x):
-    """A float hyperparameter for float32 arithmetic: Python numbers stay weakly typed (so the
-    arithmetic rounds as optax's own), arrays injected by ``optax.inject_hyperparams`` (possibly
-    in the parameters' float16/bfloat16) become float32."""
-    return x if isinstance(x, int | float) else jnp.asarray(x, _F32)
-
-
-def _stat_dtype(dtype) -> jnp.dtype:
-    """Statistics are at least float32 (float64 stays float64)."""
-    return jnp.promote_types(dtype, _F32)
-
-
-def _real(dtype) -> jnp.dtype:
-    """The real dtype of a complex ``dtype`` (complex64: float32); others unchanged."""
-    return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
-
-
-def _check_adam(b1, b2, eps, eps_root, weight_decay):
-    _checks.check_range("b1", b1, low=0, high=1, high_open=True)
-    _checks.check_range("b2", b2, low=0, high=1, high_open=True)
-    _checks.check_range("eps", eps, low=0)
-    _checks.check_range("eps_root", eps_root, low=0)
-    _checks.check_range("weight_decay", weight_decay, low=0)
-
-
-def _init_moments(params, mu_dtype):
-    """Zero first and second moments: float32 at least, the first in ``mu_dtype`` if given; the
-    second is real (``|g|**2``) for complex parameters."""
-    mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or _stat_dtype(p.dtype)), params)
-    nu = jax.tree.map(lambda p: jnp.zeros(p.shape, _stat_dtype(_real(p.dtype))), params)
-    return mu, nu
-
-
-def _decayed_leaves(params, treedef, weight_decay, mask, count) -> list:
-    """Per leaf of ``treedef``: ``(rate, param)`` to add ``rate * param``, or None (no decay).
-
-    ``mask`` is optax's: a tree of bools that is a prefix of the parameters (``True`` decays),
-    or a callable giving one from the parameters. A schedule is evaluated at ``count``.
-    """
-    if isinstance(weight_decay, int | float) and weight_decay == 0:
-        return [None] * treedef.num_leaves
-    if params is None:
-        raise ValueError("weight_decay needs the parameters: pass params= to update")
-    rate = _hyper(weight_decay(count) if callable(weight_decay) else weight_decay)
-    leaves = treedef.flatten_up_to(params)
-    if mask is None:
-        return [(rate, p) for p in leaves]
-    flags = mask(params) if callable(mask) else mask
-    full = jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: bool(flag), sub), flags, params)
-    flags = treedef.flatten_up_to(full)
-    return [(rate, p) if on else None for on, p in zip(flags, leaves, strict=True)]
-
-
-@functools.partial(jax.jit, inline=True)
-def _bias_correction(decay, count):
-    """``1 - decay**count`` in float32, computed as optax does (eager ``**`` rounds otherwise)."""
-    return 1 - decay**count
-
-
-def _adam_direction(mu, nu, bc1, bc2, eps, eps_root):
-    """Adam's bias-corrected direction ``mu_hat / (sqrt(nu_hat + eps_root) + eps)``."""
-    return (mu / bc1) / (jnp.sqrt(nu / bc2 + eps_root) + eps)
-
-
-def _finish(direction, decay, factor, dtype):
-    """``factor * (direction + rate * param)`` in ``dtype``; exact zeros where factor is 0."""
-    if decay is not None:
-        rate, p = decay
-        direction = direction + rate * p.astype(direction.dtype)
-    return _norms.scale_leaf(direction, factor).astype(dtype)
-
-
-def _accept(ok, new_m, m, new_v, v):
-    """The new moments if the step is accepted, else the old ones (float32).
-
-    The update is then computed from these, not from the new moments: on a rejected step it is
-    zeroed anyway, and this way each moment's buffer is read once and rewritten in place (reading
-    the old moments for the update as well would make XLA copy them first).
-    """
-    return _norms.select(ok, new_m, m.astype(new_m.dtype)), _norms.select(ok, new_v, v)
-
-
-def _flatten(updates, mu):
-    """The updates' tree structure and leaves, after checking they match the moments'."""
-    _checks.check_same_structure("updates", updates, "the optimizer state's moments", mu)
-    treedef = jax.tree.structure(updates)
-    return treedef, treedef.flatten_up_to(updates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,23 +134,23 @@ def scale_by_stable_adam(
       vision-language models <https://arxiv.org/abs/2304.13013>`_, NeurIPS 2023.
       Shazeer & Stern, `Adafactor <https://arxiv.org/abs/1804.04235>`_, ICML 2018.
     """
-    _check_adam(b1, b2, eps, eps_root, 0.0 if callable(weight_decay) else weight_decay)
+    _adam.check_adam(b1, b2, eps, eps_root, 0.0 if callable(weight_decay) else weight_decay)
     _checks.check_range("clip_threshold", clip_threshold, low=0, low_open=True)
 
     def init_fn(params):
-        mu, nu = _init_moments(params, mu_dtype)
+        mu, nu = _adam.init_moments(params, mu_dtype)
         zero = lambda: jnp.zeros((), _F32)  # distinct buffers: states get donated
         return ScaleByStableAdamState(jnp.zeros((), jnp.int32), mu, nu, zero(), zero(), zero())
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        treedef, grads = _flatten(updates, state.mu)
+        treedef, grads = _adam.flatten(updates, state.mu)
         mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-        decays = _decayed_leaves(params, treedef, weight_decay, mask, state.count)
-        b1_, b2_, eps_, eps_root_ = map(_hyper, (b1, b2, eps, eps_root))
+        decays = _adam.decayed_leaves(params, treedef, weight_decay, mask, state.count)
+        b1_, b2_, eps_, eps_root_ = map(_adam.hyper, (b1, b2, eps, eps_root))
         step = optax.safe_increment(state.count)
-        bc1, bc2 = _bias_correction(b1_, step), _bias_correction(b2_, step)
-        gs = [g.astype(_stat_dtype(g.dtype)) for g in grads]
+        bc1, bc2 = _adam.bias_correction(b1_, step), _adam.bias_correction(b2_, step)
+        gs = [g.astype(_adam.stat_dtype(g.dtype)) for g in grads]
         new_nu = lambda g, v: (1 - b2_) * _norms.abs_sq(g) + b2_ * v
         # g^2 / max(nu_hat, eps^2) = bc2 / (1 - b2) * g^2 / max(g^2 + k nu, floor) with
         # k = b2 / (1 - b2): five elementwise operations per entry in the reduction, whose cost
@@ -260,7 +168,7 @@ def scale_by_stable_adam(
         if axis_name is not None:
             ratio_sums, sizes = jax.lax.psum((ratio_sums, sizes), axis_name)
         ratio_scale = bc2 / (1 - b2_)
-        threshold = _hyper(clip_threshold)
+        threshold = _adam.hyper(clip_threshold)
         mean_sq = lambda r, n: ratio_scale * r / n  # RMS_t ** 2
         clip_fraction, max_rms, nonfinite = (jnp.zeros((), _F32) for _ in range(3))
         any_finite = jnp.asarray(True)
@@ -286,9 +194,9 @@ def scale_by_stable_adam(
         out, out_mu, out_nu = [], [], []
         for i, (g, raw, m, v, decay) in enumerate(zip(gs, grads, mus, nus, decays, strict=True)):
             new_m, new_v = (1 - b1_) * g + b1_ * m.astype(g.dtype), new_nu(g, v)
-            m, v = _accept(finite[i], new_m, m, new_v, v)
-            direction = _adam_direction(m, v, bc1, bc2, eps_, eps_root_)
-            out.append(_finish(direction, decay, factors[i], raw.dtype))
+            m, v = _adam.accept(finite[i], new_m, m, new_v, v)
+            direction = _adam.adam_direction(m, v, bc1, bc2, eps_, eps_root_)
+            out.append(_adam.finish(direction, decay, factors[i], raw.dtype))
             out_mu.append(m.astype(mus[i].dtype))
             out_nu.append(v)
         new_state = ScaleByStableAdamState(
@@ -516,7 +424,7 @@ def scale_by_spam(
       Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training
       <https://arxiv.org/abs/2501.06842>`_, ICLR 2025.
     """
-    _check_adam(b1, b2, eps, eps_root, 0.0 if callable(weight_decay) else weight_decay)
+    _adam.check_adam(b1, b2, eps, eps_root, 0.0 if callable(weight_decay) else weight_decay)
     if spike_threshold is not None:
         _checks.check_range("spike_threshold", spike_threshold, low=0, low_open=True)
     if reset_interval is not None:
@@ -525,24 +433,24 @@ def scale_by_spam(
     _checks.check_range("spike_delay", spike_delay, low=0)
 
     def init_fn(params):
-        mu, nu = _init_moments(params, mu_dtype)
+        mu, nu = _adam.init_moments(params, mu_dtype)
         zero = lambda: jnp.zeros((), _F32)  # distinct buffers: states get donated
         count = jnp.zeros((), jnp.int32)
         return ScaleBySpamState(count, mu, nu, zero(), jnp.ones((), _F32), zero())
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        treedef, grads = _flatten(updates, state.mu)
+        treedef, grads = _adam.flatten(updates, state.mu)
         mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-        decays = _decayed_leaves(params, treedef, weight_decay, mask, state.count)
-        b1_, b2_, eps_, eps_root_ = map(_hyper, (b1, b2, eps, eps_root))
+        decays = _adam.decayed_leaves(params, treedef, weight_decay, mask, state.count)
+        b1_, b2_, eps_, eps_root_ = map(_adam.hyper, (b1, b2, eps, eps_root))
         step = optax.safe_increment(state.count)
-        bc1, bc2 = _bias_correction(b1_, step), _bias_correction(b2_, step)
+        bc1, bc2 = _adam.bias_correction(b1_, step), _adam.bias_correction(b2_, step)
         reset, warm, clip_on = _spam_schedule(step, reset_interval, warmup_steps, spike_delay)
 
         # A reset zeroes both moments before the step: the moments' decays become 0 (scalars,
         # not a select per entry), and the spike test waits, as it judges against zero moments.
-        theta = _hyper(0.0 if spike_threshold is None else spike_threshold)
+        theta = _adam.hyper(0.0 if spike_threshold is None else spike_threshold)
         if reset_interval is not None:
             b1_m, b2_v = _norms.select(reset, 0.0, b1_), _norms.select(reset, 0.0, b2_)
             clip_on = clip_on & ~reset
@@ -552,7 +460,7 @@ def scale_by_spam(
         def start(raw, v):
             """The gradient in float32, its square and its spike mask (None without clipping):
             entries whose previous second moment is nonzero and below ``g**2 / theta``."""
-            g = raw.astype(_stat_dtype(raw.dtype))
+            g = raw.astype(_adam.stat_dtype(raw.dtype))
             g2 = _norms.abs_sq(g)
             if spike_threshold is None:
                 return g, g2, None
@@ -560,26 +468,12 @@ def scale_by_spam(
 
         # Before the update, one reduction per tensor: its sum of squares (not finite: a NaN/Inf
         # or an overflowing square or norm, and the tensor is gated) and, if asked, the spike
-        # count. A sum of squares is the cheapest reduction XLA:CPU runs (about half the time
-        # of a largest magnitude); the barrier keeps XLA from sharing its squares with the
-        # second moment's update (it would write them out as a full array).
-        each = [
-            jnp.sum(_norms.abs_sq(x.astype(_stat_dtype(x.dtype))))
-            for x in jax.lax.optimization_barrier(grads)
-        ]
-        if axis_name is not None:
-            each = jax.lax.psum(each, axis_name)
-        # Each tensor is gated by its own scalar: slicing one vector of all of them into every
-        # tensor's update makes XLA's compile time grow quadratically with the tensors.
-        finite = [jnp.isfinite(x) for x in each]
-        sums = jnp.stack(each or [jnp.zeros(())])  # telemetry, all tensors at once
-        finite_each = jnp.isfinite(sums)
-        any_finite = jnp.any(finite_each) | (not grads)
-        nonfinite = jnp.sum(~finite_each, dtype=_F32) if grads else jnp.zeros((), _F32)
+        # count.
+        finite, finite_each, any_finite, nonfinite = _adam.gate_by_sum_of_squares(grads, axis_name)
         # The warm-up factor of the direction as a reduction's output: XLA computes it once. As
         # plain scalar arithmetic it would be copied into every tensor's update, a cosine each,
         # multiplying compile time.
-        scale = jnp.min(jnp.broadcast_to(warm, sums.shape))
+        scale = jnp.min(jnp.broadcast_to(warm, finite_each.shape))
         spike_fraction = jnp.full((), 0.0 if count_spikes else jnp.nan, _F32)
         if spike_threshold is not None and grads and count_spikes:
             counts = jnp.stack(
@@ -602,8 +496,8 @@ def scale_by_spam(
             sel_m = _norms.select(
                 ok, (1 - b1_) * g + b1_m * m.astype(g.dtype), m.astype(g.dtype)
             )
-            direction = scale * _adam_direction(sel_m, sel_v, bc1, bc2, eps_, eps_root_)
-            out.append(_finish(direction, decay, ok.astype(_F32), raw.dtype))
+            direction = scale * _adam.adam_direction(sel_m, sel_v, bc1, bc2, eps_, eps_root_)
+            out.append(_adam.finish(direction, decay, ok.astype(_F32), raw.dtype))
             out_mu.append(sel_m.astype(m.dtype))
             out_nu.append(sel_v)
         new_state = ScaleBySpamState(

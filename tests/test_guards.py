@@ -78,6 +78,7 @@ INNERS = {
     "chain(adagc, adam)": lambda: optax.chain(jaxstab.adagc(warmup_steps=3), optax.adam(1e-2)),
     "stable_adamw": lambda: jaxstab.stable_adamw(1e-2, weight_decay=0.1),
     "spam": lambda: jaxstab.spam(1e-2, reset_interval=10, warmup_steps=3),
+    "adam_atan2": lambda: jaxstab.adam_atan2(1e-2),
 }
 
 

@@ -40,6 +40,7 @@ TRANSFORMS = {
     "normalize_by_global_norm": lambda: jaxstab.normalize_by_global_norm(),
     "stable_adamw": lambda: jaxstab.stable_adamw(1e-3, weight_decay=0.1),
     "spam": lambda: jaxstab.spam(1e-3, count_spikes=True),
+    "adam_atan2": lambda: jaxstab.adam_atan2(1e-3),
     "skip_anomalies(adam)": lambda: jaxstab.skip_anomalies(optax.adam(1e-3)),
     "skip_anomalies(chain(adaptive_grad_clip, adam))": lambda: jaxstab.skip_anomalies(
         optax.chain(jaxstab.adaptive_grad_clip(0.01), optax.adam(1e-3))
