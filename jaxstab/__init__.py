@@ -38,6 +38,7 @@ from jaxstab.guards import (
     dynamic_loss_scale,
     skip_anomalies,
 )
+from jaxstab.logits import softcap, z_loss
 from jaxstab.optimizers import (
     ScaleBySpamState,
     ScaleByStableAdamState,
@@ -102,10 +103,12 @@ __all__ = [
     "scale_by_spam",
     "scale_by_stable_adam",
     "skip_anomalies",
+    "softcap",
     "spam",
     "spike_recovery",
     "stable_adamw",
     "telemetry",
+    "z_loss",
     "zscore_clip",
 ]
 

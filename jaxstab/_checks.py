@@ -44,6 +44,24 @@ def check_range(name: str, value, *, low=None, high=None, low_open=False, high_o
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
+def check_finite(name: str, value) -> None:
+    """Raises ``ValueError`` naming ``name`` if a concrete ``value`` holds an Inf or NaN (for an
+    interval without an upper bound, :func:`check_range` lets ``inf`` through)."""
+    v = _concrete(value)
+    if v is not None and v.dtype.kind in "biuf" and not np.all(np.isfinite(v)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def check_positive_scalar(name: str, value) -> None:
+    """Raises ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is one positive,
+    finite real number (traced values pass): for a bound such as a soft-cap."""
+    check_range(name, value, low=0, low_open=True)
+    check_finite(name, value)
+    v = _concrete(value)
+    if v is not None and v.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
+
+
 def check_int(name: str, value, *, low=None) -> None:
     """Raises ``TypeError`` unless ``value`` is a Python or NumPy integer (not a bool), and
     ``ValueError`` if it is below ``low``: for counts that set shapes or step numbers."""

@@ -3,9 +3,9 @@
 :func:`dot_product_attention` is a drop-in ``attention_fn`` for ``flax.linen``'s
 ``MultiHeadDotProductAttention`` and ``flax.nnx``'s ``MultiHeadAttention``: the same outputs as
 Flax's own ``dot_product_attention``, plus the per-head maximum pre-softmax logit stored on the
-calling module. :func:`max_logits` gathers what a linen model recorded into the pytree
-``qk_clip`` takes; for nnx use :func:`jaxstab.attention.gather_max_logits` on ``nnx.capture``'s
-state.
+calling module, and optionally Gemma 2's soft-cap on the logits (``logit_softcap=``).
+:func:`max_logits` gathers what a linen model recorded into the pytree ``qk_clip`` takes; for nnx
+use :func:`jaxstab.attention.gather_max_logits` on ``nnx.capture``'s state.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from flax import nnx
 from flax.linen import Module as LinenModule
 from flax.linen.dtypes import promote_dtype
 
+from jaxstab import _checks
 from jaxstab.attention import MAX_LOGITS, gather_max_logits
+from jaxstab.logits import softcap
 
 # The linen collection the logits are sown into.
 COLLECTION = "attention_logits"
@@ -58,6 +60,8 @@ def dot_product_attention(
     module=None,
     force_fp32_for_softmax: bool = False,
     is_causal: bool = False,
+    *,
+    logit_softcap: float | jax.Array | None = None,
 ) -> jax.Array:
     """Flax's dot-product attention that also records each head's largest logit on ``module``.
 
@@ -72,6 +76,15 @@ def dot_product_attention(
     - nnx: a :class:`MaxLogits` variable named ``max_logits``; capture it with
       ``nnx.capture(fn, MaxLogits)`` and gather with ``gather_max_logits(nnx.to_pure_dict(state))``.
 
+    With ``logit_softcap=c`` the logits ``q . k / sqrt(head_dim)`` are soft-capped to
+    ``c * tanh(logits / c)`` (:func:`jaxstab.logits.softcap`, float32 math, rounded to the
+    attention dtype) before ``bias`` is added and before masking and the softmax, as in Gemma 2
+    (``c = 50``); bind it with ``functools.partial`` (Flax passes its own arguments by keyword and
+    keeps only those in the partial's signature). The recorded maximum stays the *raw* logit,
+    before the cap: what the query and key weights produce, so the telemetry shows their growth
+    and ``qk_clip`` (which scales those weights) stays exact beside a cap. ``None`` (the
+    default) caps nothing and computes exactly what it computes without the argument.
+
     Grouped-query attention (fewer key/value heads, nnx's ``num_kv_heads``) records one value per
     query head. The recording costs one more reduction over the logits: a training step measured
     within a few percent of Flax's own attention (``benchmarks/bench_attention.py``).
@@ -81,6 +94,8 @@ def dot_product_attention(
       bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic, dtype, precision,
         force_fp32_for_softmax, is_causal: as in Flax's ``dot_product_attention``.
       module: the attention module to record on; None records nothing.
+      logit_softcap: the soft-cap on the logits, ``> 0`` and finite (a Python float or scalar
+        array), or None for none.
 
     Returns:
       ``(batch..., q_length, heads, v_head_dim)``, equal to Flax's output.
@@ -94,7 +109,25 @@ def dot_product_attention(
       >>> y, recorded = layer.apply(variables, x, sow_weights=True, mutable=["attention_logits"])
       >>> max_logits(recorded).shape  # one per head
       (2,)
+
+      Soft-capped at 50 like Gemma 2 (the softmax sees at most 50; the raw logits are recorded):
+
+      >>> import functools
+      >>> capped = functools.partial(dot_product_attention, logit_softcap=50.0)
+      >>> layer = nn.MultiHeadDotProductAttention(2, attention_fn=capped)
+      >>> y_capped, recorded = layer.apply(variables, 100 * x, sow_weights=True,
+      ...                                  mutable=[COLLECTION])
+      >>> y_raw, raw = layer.clone(attention_fn=dot_product_attention).apply(
+      ...     variables, 100 * x, sow_weights=True, mutable=[COLLECTION])
+      >>> bool((max_logits(recorded) == max_logits(raw)).all())
+      True
+
+    References:
+      Gemma Team, `Gemma 2: Improving Open Language Models at a Practical Size
+      <https://arxiv.org/abs/2408.00118>`_, 2024 (attention logits soft-capped at 50.0).
     """
+    if logit_softcap is not None:
+        _checks.check_positive_scalar("logit_softcap", logit_softcap)
     query, key, value = promote_dtype(query, key, value, dtype=dtype)
     dtype = query.dtype
     q_heads, kv_heads = query.shape[-2], key.shape[-2]
@@ -114,6 +147,8 @@ def dot_product_attention(
         mask = causal if mask is None else jnp.logical_and(mask, causal)
     if module is not None:
         _record(module, _head_max(logits, mask))
+    if logit_softcap is not None:
+        logits = softcap(logits, logit_softcap)
     if bias is not None:
         logits = logits + bias
     if mask is not None:

@@ -1,6 +1,7 @@
 """qk_clip against a NumPy reference (per head, GQA, stacked layers); the recording attention_fn
 against flax's own attention (linen and nnx); the gathered logits feeding qk_clip end to end."""
 
+import functools
 import inspect
 
 import chex
@@ -357,3 +358,164 @@ def test_fully_masked_head_records_minus_inf():
     y, out = Probe().apply({}, q, mutable=[COLLECTION])
     assert np.all(np.isfinite(y))
     np.testing.assert_array_equal(max_logits(out), [-np.inf, -np.inf])
+
+
+# --------------------------------------------------------------------------------------------
+# Soft-capped attention logits (Gemma 2)
+
+
+def capped_attention64(query, key, value, mask=None, bias=None, cap=None):
+    """NumPy float64 attention: softmax(where(mask, cap * tanh(q . k / sqrt(d) / cap) + bias))."""
+    q, k, v = (np.asarray(a, np.float64) for a in (query, key, value))
+    k = np.repeat(k, q.shape[-2] // k.shape[-2], axis=-2)
+    v = np.repeat(v, q.shape[-2] // v.shape[-2], axis=-2)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if cap is not None:
+        logits = cap * np.tanh(logits / cap)
+    if bias is not None:
+        logits = logits + np.asarray(bias, np.float64)
+    if mask is not None:  # flax's fill: a fully masked (padding) query attends uniformly
+        logits = np.where(np.broadcast_to(mask, logits.shape), logits, np.finfo(np.float32).min)
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def qkv(seed=0, heads=4, kv_heads=4, scale=8.0, dtype=jnp.float32):
+    """Random (batch 3, length 7) query/key/value, scaled so many logits exceed the caps."""
+    rng = np.random.default_rng(seed)
+    q = scale * rng.normal(size=(3, 7, heads, D))
+    k, v = (scale * rng.normal(size=(3, 7, kv_heads, D)) for _ in range(2))
+    return (jnp.asarray(a, dtype) for a in (q, k, v))
+
+
+class Recorder(nn.Module):
+    """Calls ``dot_product_attention`` directly with this module recording."""
+
+    @nn.compact
+    def __call__(self, q, k, v, **kwargs):
+        return dot_product_attention(q, k, v, module=self, **kwargs)
+
+
+class SoftcapAttentionTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_numpy_reference_and_records_the_raw_max(self):
+        mask = padding_and_causal_mask(3, 7)
+        bias = 0.5 * np.random.default_rng(9).normal(size=(1, 4, 7, 7))
+        for kv_heads in (4, 2):
+            q, k, v = qkv(heads=4, kv_heads=kv_heads)
+            raw = masked_max_logits(q, k, mask)
+            assert np.all(raw > 60.0)  # every head is capped
+            for cap in (5.0, 50.0):
+                for b in (None, jnp.asarray(bias, jnp.float32)):
+
+                    def apply(q, k, v, bias, cap=cap):
+                        return Recorder().apply(
+                            {}, q, k, v, mask=mask, bias=bias, logit_softcap=cap,
+                            mutable=[COLLECTION],
+                        )  # fmt: skip
+
+                    y, recorded = self.variant(apply)(q, k, v, b)
+                    want = capped_attention64(q, k, v, mask, b, cap)
+                    np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
+                    # recorded: the raw logits, before the cap (what qk_clip scales)
+                    np.testing.assert_allclose(max_logits(recorded), raw, rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_traced_cap_and_finite_gradients(self):
+        q, k, v = qkv(scale=300.0)  # logits ~ 1e5
+        mask = padding_and_causal_mask(3, 7)
+
+        def loss(q, k, cap):
+            y = dot_product_attention(q, k, v, mask=mask, logit_softcap=cap)
+            return jnp.sum(y**2)
+
+        for cap in (30.0, 50.0):
+            value, grads = self.variant(jax.value_and_grad(loss, argnums=(0, 1)))(
+                q, k, jnp.asarray(cap)
+            )
+            want = capped_attention64(q, k, v, mask, cap=cap)
+            np.testing.assert_allclose(value, np.sum(want**2), rtol=1e-4)
+            assert all(np.all(np.isfinite(g)) for g in grads)
+
+    def test_low_precision_keeps_dtype(self):
+        mask = padding_and_causal_mask(3, 7)
+        for dtype in (jnp.bfloat16, jnp.float16):
+            # logits up to ~30 capped at 10: bfloat16 resolves a capped logit to 1/16
+            q, k, v = qkv(scale=3.0, dtype=dtype)
+            assert np.any(masked_max_logits(q, k, mask) > 20.0)
+            for force in (False, True):
+                y = dot_product_attention(
+                    q, k, v, mask=mask, logit_softcap=10.0, force_fp32_for_softmax=force
+                )
+                assert y.dtype == (jnp.float32 if force else dtype)  # as flax's own
+                want = capped_attention64(q, k, v, mask, cap=10.0)
+                np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=0.1, atol=0.3)
+
+    def test_no_cap_is_bit_identical(self):
+        mask = padding_and_causal_mask(3, 7)
+        for kv_heads in (4, 2):
+            q, k, v = qkv(heads=4, kv_heads=kv_heads)
+            plain, plain_rec = Recorder().apply({}, q, k, v, mask=mask, mutable=[COLLECTION])
+            none, none_rec = Recorder().apply(
+                {}, q, k, v, mask=mask, logit_softcap=None, mutable=[COLLECTION]
+            )
+            np.testing.assert_array_equal(none, plain)
+            chex.assert_trees_all_equal(none_rec, plain_rec)
+        q, k, v = qkv()
+        np.testing.assert_array_equal(
+            dot_product_attention(q, k, v, mask=mask, logit_softcap=None),
+            nn.dot_product_attention(q, k, v, mask=mask),
+        )
+
+    def test_bad_softcap(self):
+        q, k, v = qkv()
+        for cap in (0.0, -50.0, float("nan"), float("inf"), jnp.ones(4)):
+            with pytest.raises(ValueError, match="logit_softcap"):
+                dot_product_attention(q, k, v, logit_softcap=cap)
+        with pytest.raises(TypeError, match="logit_softcap"):
+            dot_product_attention(q, k, v, logit_softcap="50")
+
+
+def tanh_capped_attention(query, key, value, mask=None, *, cap, **unused):
+    """A plain jnp reference ``attention_fn``: tanh-capped logits, masked, softmax (float32)."""
+    logits = jnp.einsum("...qhd,...khd->...hqk", query, key) / jnp.sqrt(query.shape[-1])
+    logits = jnp.where(mask, cap * jnp.tanh(logits / cap), jnp.finfo(jnp.float32).min)
+    return jnp.einsum("...hqk,...khd->...qhd", jax.nn.softmax(logits), value)
+
+
+def test_linen_partial_softcap_matches_reference_and_records():
+    """functools.partial keeps the signature flax filters its keyword arguments by."""
+    x = 4 * jax.random.normal(jax.random.key(1), (3, 7, 16))
+    mask = padding_and_causal_mask(3, 7)
+    cap = 20.0
+    make = lambda fn: nn.MultiHeadDotProductAttention(4, attention_fn=fn)
+    ref = make(functools.partial(tanh_capped_attention, cap=cap))
+    ours = make(functools.partial(dot_product_attention, logit_softcap=cap))
+    variables = ours.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda p: 3 * p, variables)  # logits well past the cap
+    want = ref.apply(variables, x, mask=mask)
+    y, recorded = jax.jit(
+        lambda v, x: ours.apply(v, x, mask=mask, sow_weights=True, mutable=[COLLECTION])
+    )(variables, x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    p = variables["params"]
+    q = nn.DenseGeneral((4, 4)).apply({"params": p["query"]}, x)
+    k = nn.DenseGeneral((4, 4)).apply({"params": p["key"]}, x)
+    raw = masked_max_logits(q, k, mask)
+    assert np.all(raw > cap)
+    # The raw logits are recorded (what qk_clip scales), not the capped ones.
+    np.testing.assert_allclose(max_logits(recorded), raw, rtol=1e-5)
+    # Not capping differs (the cap did something).
+    assert not np.allclose(make(dot_product_attention).apply(variables, x, mask=mask), y)
+
+
+def test_nnx_partial_softcap_matches_reference():
+    x = 4 * jax.random.normal(jax.random.key(1), (2, 6, 16))
+    make = lambda fn: nnx.MultiHeadAttention(4, 16, decode=False, rngs=nnx.Rngs(0), attention_fn=fn)
+    ours = make(functools.partial(dot_product_attention, logit_softcap=10.0))
+    ref = make(functools.partial(tanh_capped_attention, cap=10.0))
+    causal = nn.make_causal_mask(jnp.ones((2, 6)))
+    got = ours(x, mask=causal)
+    want = ref(x, mask=causal)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -101,6 +101,9 @@ def test_guards_and_diagnostics_have_no_conditional(platform):
     assert count(adjust, scale, params, platform=platform) == []
     assert count(jaxstab.global_norm, params, platform=platform) == []
     assert count(jaxstab.layer_norms, params, platform=platform) == []
+    logits = jnp.ones((2, 5, 11))
+    aux = lambda x: jaxstab.z_loss(jaxstab.softcap(x, 30.0))
+    assert count(jax.value_and_grad(aux), logits, platform=platform) == []
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
