@@ -17,6 +17,7 @@ inputs, so each method compiles once. Add a method by adding to ``METHODS``.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import sysconfig
@@ -141,11 +142,28 @@ class GPT(nn.Module):
 
 
 class Method(NamedTuple):
-    """A way to train: ``optimizer(schedule, weight_decay)`` builds the transform;
-    ``normalize_qk`` the model."""
+    """A way to train: ``optimizer(schedule, weight_decay)`` builds the transform; the rest
+    changes the model or the loss: layer-normalized queries and keys, soft-capped attention or
+    output logits, a z-loss term."""
 
     optimizer: Callable[..., optax.GradientTransformation]
     normalize_qk: bool = False
+    attention_softcap: float | None = None
+    output_softcap: float | None = None
+    z_loss: float = 0.0
+
+    def model(self) -> GPT:
+        attention = dot_product_attention
+        if self.attention_softcap is not None:
+            attention = functools.partial(attention, logit_softcap=self.attention_softcap)
+        return GPT(self.normalize_qk, attention_fn=attention)
+
+    def loss(self, logits, targets, *, train: bool = True):
+        """Cross-entropy of the (soft-capped) logits, plus the z-loss when training."""
+        if self.output_softcap is not None:
+            logits = jaxstab.softcap(logits, self.output_softcap)
+        loss = common.cross_entropy(logits, targets)
+        return loss + jaxstab.z_loss(logits, self.z_loss) if train and self.z_loss else loss
 
 
 def adamw(schedule, wd=WEIGHT_DECAY):
@@ -182,6 +200,14 @@ METHODS: dict[str, Method] = {
         )
     ),
     "AdamW + zscore_clip on the update": after_adamw(zscore_clip),
+    # the output-logit cures and Gemma 2's caps, no optimizer change
+    "AdamW + z-loss(1e-4)": Method(adamw, z_loss=1e-4),
+    "AdamW, soft-capped logits (50 / 30)": Method(
+        adamw, attention_softcap=50.0, output_softcap=30.0
+    ),
+    "adam_atan2": Method(
+        lambda lr, wd=WEIGHT_DECAY: jaxstab.adam_atan2(lr, b2=0.95, weight_decay=wd)
+    ),
 }
 
 
@@ -202,11 +228,11 @@ class Curves(NamedTuple):
 
 def make_sweep(method: Method, train, val, steps: int, weight_decay: float = WEIGHT_DECAY):
     """``sweep(rates, seeds) -> Curves`` arrays with leading axes (rates x seeds), jitted."""
-    model = GPT(method.normalize_qk)
+    model = method.model()
 
-    def loss_fn(params, tokens):
+    def loss_fn(params, tokens, train=True):
         logits, sown = model.apply({"params": params}, tokens[:, :-1], mutable=[COLLECTION])
-        loss = common.cross_entropy(logits, tokens[:, 1:])
+        loss = method.loss(logits, tokens[:, 1:], train=train)
         output = (jnp.max(logits), jnp.mean(jax.nn.logsumexp(logits, axis=-1)))
         return loss, (max_logits(sown), output)
 
@@ -234,7 +260,7 @@ def make_sweep(method: Method, train, val, steps: int, weight_decay: float = WEI
         (params, _), curves = jax.lax.scan(step, (params, tx.init(params)), keys)
         val_keys = jax.random.split(jax.random.key(12345), VAL_BATCHES)  # the same for all runs
         val_loss = jnp.mean(
-            jax.lax.map(lambda k: loss_fn(params, sample_batch(val, k))[0], val_keys)
+            jax.lax.map(lambda k: loss_fn(params, sample_batch(val, k), False)[0], val_keys)
         )
         return *curves, val_loss
 
