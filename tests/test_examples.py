@@ -17,10 +17,14 @@ import conv_batchnorm
 import deep_mlp
 import demo
 import exploding_rnn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import recovery_batchnorm
 import spike_recovery
 import transformer_lm
+
+import jaxstab
 
 
 def _rows(result):
@@ -84,6 +88,27 @@ def test_transformer_lm_sweep(tmp_path):
     assert adamw["best_loss"] < 0.8 * np.log(256)  # it learns (chance: log 256 nats)
     assert adamw["max_logit"] > 10 * clipped["max_logit"]
     assert adamw["ratio"] == 1.0 and clipped["sensitivity"] >= 0
+
+
+def test_transformer_lm_methods_change_the_loss_and_the_model_as_named():
+    """The z-loss enters the training loss only; the caps bound what the softmaxes see while
+    the raw attention logits are still recorded."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 256)) * 40, jnp.float32)
+    targets = jnp.zeros((2, 5), jnp.int32)
+    z = transformer_lm.METHODS["AdamW + z-loss(1e-4)"]
+    plain = transformer_lm.METHODS["AdamW"].loss(logits, targets)
+    np.testing.assert_allclose(
+        z.loss(logits, targets), plain + jaxstab.z_loss(logits, 1e-4), rtol=1e-6
+    )
+    assert z.loss(logits, targets, train=False) == plain
+    capped = transformer_lm.METHODS["AdamW, soft-capped logits (50 / 30)"]
+    assert capped.loss(logits, targets) < plain  # logits of 40 sigma squashed to |x| < 30
+    model = capped.model()
+    tokens = jnp.zeros((1, transformer_lm.CONTEXT), jnp.int32)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    params = jax.tree.map(lambda p: 8 * p, params)  # attention logits well past 50
+    _, sown = model.apply({"params": params}, tokens, mutable=["attention_logits"])
+    assert float(jnp.max(jnp.stack(jax.tree.leaves(sown)))) > 50.0  # raw, not capped
 
 
 def test_loss_spikes_counts_excursions_once():
