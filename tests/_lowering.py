@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 
+import jax
+from jax import export  # jax < 0.7 does not load jax.export on ``import jax``
+
 _DEFINITION = re.compile(r"^\s*(%[\w#:]+(?:, %[\w#:]+)*) = (.*)$")
 _CONDITIONAL = re.compile(r'"stablehlo\.(?:case|if)"\((%[\w#]+)\)')
 _RETURN = re.compile(r"stablehlo\.return (.*?) :")
@@ -51,3 +54,9 @@ def live_conditionals(mlir: str) -> list[str]:
         elif definition and all(v in constant for v in _returned(lines, i)):
             constant.update(_names(definition.group(1)))
     return live
+
+
+def conditionals(fn, *args, platform: str) -> list[str]:
+    """The live conditionals of ``jax.jit(fn)(*args)`` lowered for ``platform``."""
+    exported = export.export(jax.jit(fn), platforms=[platform])(*args)
+    return live_conditionals(exported.mlir_module())

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from _lowering import live_conditionals
+from _lowering import conditionals
 
 import jaxstab
 from jaxstab import attention_flax
@@ -51,9 +51,7 @@ TRANSFORMS = {
 }
 
 
-def count(fn, *args, platform):
-    exported = jax.export.export(jax.jit(fn), platforms=[platform])(*args)
-    return live_conditionals(exported.mlir_module())
+count = conditionals
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
