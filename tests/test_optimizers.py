@@ -473,6 +473,7 @@ OPTIMIZERS = {
         spike_threshold=10.0,
         **kw,
     ),
+    "adam_atan2": lambda **kw: jaxstab.adam_atan2(1e-2, weight_decay=0.1, **kw),
 }
 
 
