@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _steps import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -45,17 +46,6 @@ def grad_steps(n, seed=0, spikes=(), dtype=jnp.float32):
 def as_complex(real, imag):
     """complex64 trees ``real + 1j * imag`` (one tree or a list of them, leaf by leaf)."""
     return jax.tree.map(lambda a, b: (a + 1j * b).astype(jnp.complex64), real, imag)
-
-
-def run(tx, params, steps, update=None):
-    """Applies ``tx`` over ``steps``: (updates per step, final params, final state)."""
-    update = update or tx.update
-    state, outs = tx.init(params), []
-    for g in steps:
-        u, state = update(g, state, params)
-        params = optax.apply_updates(params, u)
-        outs.append(u)
-    return outs, params, state
 
 
 @jax.jit
