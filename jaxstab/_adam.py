@@ -142,7 +142,8 @@ def gate_by_sum_of_squares(grads: list[jax.Array], axis_name: AxisName = None) -
         for x in jax.lax.optimization_barrier(grads)
     ]
     if axis_name is not None:
-        each = jax.lax.psum(each, axis_name)
+        with _checks.mapped_axis(axis_name):
+            each = jax.lax.psum(each, axis_name)
     # Each tensor is gated by its own scalar: slicing one vector of all of them into every
     # tensor's update makes XLA's compile time grow quadratically with the tensors.
     finite = [jnp.isfinite(x) for x in each]

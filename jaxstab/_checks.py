@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 
@@ -18,16 +20,19 @@ def _concrete(value):
 
 
 def check_range(name: str, value, *, low=None, high=None, low_open=False, high_open=False):
-    """Raises ``ValueError`` unless ``value`` lies in the interval; traced values and callables
-    (schedules) pass.
+    """Raises ``ValueError`` unless ``value`` is one number in the interval; traced values and
+    callables (schedules) pass.
 
     ``low_open``/``high_open`` exclude the bound. ``None`` for a bound means unbounded. A value
-    that is not a real number or array of them (``None``, a string, a complex number) raises
-    ``TypeError`` naming the parameter, so an optional hyperparameter is checked only when given.
+    that is not a real number (``None``, a string, a complex number) raises ``TypeError`` naming
+    the parameter, so an optional hyperparameter is checked only when given; an array of more
+    than one number raises ``ValueError`` here rather than a broadcasting error inside ``update``.
     """
     v = _concrete(value)
     if v is None:
         return
+    if v.dtype.kind in "biuf" and v.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {v.shape}: {value!r}")
     lo = "-inf" if low is None else f"{low}"
     hi = "inf" if high is None else f"{high}"
     left = "(" if low_open or low is None else "["
@@ -57,9 +62,6 @@ def check_positive_scalar(name: str, value) -> None:
     finite real number (traced values pass): for a bound such as a soft-cap."""
     check_range(name, value, low=0, low_open=True)
     check_finite(name, value)
-    v = _concrete(value)
-    if v is not None and v.ndim != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
 
 
 def check_int(name: str, value, *, low=None) -> None:
@@ -71,6 +73,21 @@ def check_int(name: str, value, *, low=None) -> None:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
+def check_transformation(name: str, value) -> None:
+    """Raises ``TypeError`` unless ``value`` is an optax transformation (has ``init`` and
+    ``update``); a factory such as ``optax.adamw`` itself is named as such."""
+    if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+        return
+    hint = ""
+    if callable(value):
+        what = getattr(value, "__qualname__", repr(value))
+        hint = f"; {what} looks like a factory: call it, e.g. {what}(1e-3)"
+    raise TypeError(
+        f"{name} must be an optax GradientTransformation (with init and update), got "
+        f"{value!r}{hint}"
+    )
+
+
 def check_same_structure(name_a: str, a, name_b: str, b) -> None:
     """Raises ``ValueError`` showing both structures when two trees differ."""
     sa, sb = jax.tree.structure(a), jax.tree.structure(b)
@@ -79,3 +96,18 @@ def check_same_structure(name_a: str, a, name_b: str, b) -> None:
             f"{name_a} and {name_b} must have the same tree structure, got\n"
             f"  {name_a}: {sa}\n  {name_b}: {sb}"
         )
+
+
+@contextlib.contextmanager
+def mapped_axis(axis_name):
+    """Runs collectives over ``axis_name``; when no ``jax.pmap``/``jax.shard_map`` binds that
+    name, the ``NameError`` says what to do instead."""
+    try:
+        yield
+    except NameError as error:
+        raise NameError(
+            f"axis_name={axis_name!r} is not bound here ({error}). It names the mapped axis of "
+            f"a jax.pmap(..., axis_name={axis_name!r}) or a jax.shard_map over a mesh axis of "
+            "that name, and works only inside one. Under plain jax.jit leave axis_name=None: "
+            "on arrays sharded over a mesh, norms and statistics are already global."
+        ) from error

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxstab import _checks
+
 
 class _Range(NamedTuple):
     """Where a sum of squares in one accumulation dtype is trusted, and the rescue factors."""
@@ -119,7 +121,10 @@ def _rescue_scale(ssq: jax.Array) -> jax.Array:
 
 
 def _psum(x, axis_name):
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
+    if axis_name is None:
+        return x
+    with _checks.mapped_axis(axis_name):
+        return jax.lax.psum(x, axis_name)
 
 
 def _three_sums(x: jax.Array, axis, keepdims: bool, dtype) -> tuple[jax.Array, ...]:

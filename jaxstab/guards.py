@@ -153,6 +153,7 @@ def skip_anomalies(
       >>> int(state.inner_state[0].count)  # Adam saw 3 steps: the NaN step never happened
       3
     """
+    _checks.check_transformation("inner", inner)
     _checks.check_range("z_threshold", z_threshold, low=0, low_open=True)
     _checks.check_range("decay", decay, low=0, high=1, high_open=True)
     _checks.check_range("warmup_steps", warmup_steps, low=0)
@@ -231,7 +232,8 @@ def all_finite(tree, *, axis_name: AxisName = None) -> jax.Array:
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
     ok = jnp.asarray(ok)
     if axis_name is not None:
-        ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
+        with _checks.mapped_axis(axis_name):
+            ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name).astype(bool)
     return ok
 
 

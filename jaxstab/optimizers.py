@@ -166,7 +166,8 @@ def scale_by_stable_adam(
         ]
         sizes = [float(max(g.size, 1)) for g in gs]
         if axis_name is not None:
-            ratio_sums, sizes = jax.lax.psum((ratio_sums, sizes), axis_name)
+            with _checks.mapped_axis(axis_name):
+                ratio_sums, sizes = jax.lax.psum((ratio_sums, sizes), axis_name)
         ratio_scale = bc2 / (1 - b2_)
         threshold = _adam.hyper(clip_threshold)
         mean_sq = lambda r, n: ratio_scale * r / n  # RMS_t ** 2
@@ -481,7 +482,8 @@ def scale_by_spam(
             )
             sizes = jnp.asarray([g.size for g in grads], _F32)
             if axis_name is not None:
-                counts, sizes = jax.lax.psum((counts, sizes), axis_name)
+                with _checks.mapped_axis(axis_name):
+                    counts, sizes = jax.lax.psum((counts, sizes), axis_name)
             counts = _norms.select(finite_each, counts, jnp.zeros_like(counts))
             spike_fraction = jnp.sum(counts) / jnp.maximum(jnp.sum(sizes), 1)
 

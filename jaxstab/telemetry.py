@@ -39,6 +39,15 @@ def telemetry_state(
     return register
 
 
+def _array(value):
+    """The array inside a flax ``nnx.Variable`` (an ``nnx.Optimizer`` keeps its state in them),
+    else ``value`` itself; flax is not imported for this."""
+    if not type(value).__module__.startswith("flax."):
+        return value
+    get_value = getattr(value, "get_value", None)  # flax >= 0.12; .value before
+    return get_value() if get_value is not None else value.value
+
+
 def _walk(node, prefix: tuple[str, ...], out: dict) -> None:
     is_registered = lambda x: type(x) in _REGISTRY
     pairs, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=is_registered)
@@ -48,7 +57,7 @@ def _walk(node, prefix: tuple[str, ...], out: dict) -> None:
         name, fields, opaque = _REGISTRY[type(leaf)]
         here = (*prefix, *filter(None, [_norms.path_str(path)]), name)
         for field in fields:
-            out["/".join((*here, field))] = getattr(leaf, field)
+            out["/".join((*here, field))] = _array(getattr(leaf, field))
         for field in leaf._fields:
             if field not in fields and field not in opaque:
                 _walk(getattr(leaf, field), (*here, field), out)
@@ -62,7 +71,8 @@ def telemetry(opt_state) -> dict[str, jax.Array]:
     state's own arrays (no host transfer), so the dict can be returned from a jitted step.
 
     Args:
-      opt_state: any optax optimizer state.
+      opt_state: any optax optimizer state, or the ``opt_state`` of an ``nnx.Optimizer`` (its
+        variables are unwrapped: the values are arrays either way).
 
     Returns:
       A ``dict[str, jax.Array]``; empty when the state holds no jaxstab transform.

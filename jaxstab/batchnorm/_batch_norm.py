@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxstab import _checks
 from jaxstab.batchnorm._config import BatchNormConfig
 from jaxstab.batchnorm._moments import Moments, canonical_axes, moments
 from jaxstab.batchnorm._renorm import renorm_correction
@@ -51,7 +52,8 @@ def _num_devices(config: BatchNormConfig) -> int:
         return 1
     if config.axis_index_groups is not None:
         return len(config.axis_index_groups[0])
-    return lax.axis_size(config.axis_name)
+    with _checks.mapped_axis(config.axis_name):
+        return lax.axis_size(config.axis_name)
 
 
 def batch_norm(

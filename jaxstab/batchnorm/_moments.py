@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxstab import _checks
 from jaxstab._norms import AxisName
 
 Variance = Literal["shifted", "two_pass", "fast"]
@@ -115,7 +116,8 @@ def moments(
         sums = tuple(jnp.sum(t, axes, keepdims=True) for t in terms)
         if axis_name is None:
             return sums
-        return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+        with _checks.mapped_axis(axis_name):
+            return lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
 
     if mask is None:
         n_local = math.prod(x.shape[a] for a in axes)
@@ -133,7 +135,8 @@ def moments(
         if variance == "shifted" and mask is None:
             shift = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
             if axis_name is not None:
-                shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
+                with _checks.mapped_axis(axis_name):
+                    shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
         elif variance != "fast":
             n, total = pooled_sums(count, valid(x))
             shift = total / jnp.maximum(n, 1)

@@ -1,0 +1,77 @@
+"""Mistakes a new user makes, caught where they are made and explained: a list where a number
+belongs, an optimizer factory where an optimizer belongs, a device axis name outside a mapped
+context, and nnx variables where arrays were expected."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+import jaxstab
+
+# factory -> (keyword, a value of the right kind but not one number)
+NON_SCALAR = {
+    "clip_by_global_norm": (jaxstab.clip_by_global_norm, "max_norm"),
+    "adaptive_grad_clip": (jaxstab.adaptive_grad_clip, "clipping"),
+    "zscore_clip": (jaxstab.zscore_clip, "z_threshold"),
+    "quantile_clip": (jaxstab.quantile_clip, "quantile"),
+    "adagc": (jaxstab.adagc, "relative"),
+    "normalize_by_global_norm": (jaxstab.normalize_by_global_norm, "target"),
+    "qk_clip": (jaxstab.qk_clip, "tau"),
+    "stable_adamw": (lambda **kw: jaxstab.stable_adamw(1e-3, **kw), "b2"),
+    "spam": (lambda **kw: jaxstab.spam(1e-3, **kw), "eps"),
+    "adam_atan2": (lambda **kw: jaxstab.adam_atan2(1e-3, **kw), "a"),
+    "skip_anomalies": (lambda **kw: jaxstab.skip_anomalies(optax.sgd(0.1), **kw), "z_threshold"),
+}
+
+
+@pytest.mark.parametrize("name", NON_SCALAR)
+def test_a_list_of_hyperparameters_fails_at_construction_naming_the_argument(name):
+    factory, argument = NON_SCALAR[name]
+    with pytest.raises(ValueError, match=rf"{argument} must be a scalar, got shape \(2,\)"):
+        factory(**{argument: [0.5, 0.9]})
+
+
+def test_a_one_element_array_is_still_a_shape_not_a_scalar():
+    with pytest.raises(ValueError, match=r"max_norm must be a scalar, got shape \(1,\)"):
+        jaxstab.clip_by_global_norm(jnp.ones(1))
+    jaxstab.clip_by_global_norm(jnp.float32(1.0))  # a 0-d array is one number
+
+
+@pytest.mark.parametrize("inner", [optax.adamw, optax.chain, 3, None])
+def test_skip_anomalies_wants_an_optimizer_not_its_factory(inner):
+    match = "looks like a factory: call it" if callable(inner) else "inner must be an optax"
+    with pytest.raises(TypeError, match=match):
+        jaxstab.skip_anomalies(inner)
+
+
+def test_an_unbound_axis_name_says_where_it_works():
+    grads = {"w": jnp.ones(3)}
+    tx = jaxstab.clip_by_global_norm(1.0, axis_name="batch")
+    with pytest.raises(NameError, match=r"axis_name='batch' is not bound(.|\n)*shard_map"):
+        jax.jit(lambda g: tx.update(g, tx.init(g))[0])(grads)
+    layer = jaxstab.linen.BatchNorm(use_running_average=False, axis_name="batch")
+    x = jnp.ones((4, 3))
+    variables = layer.init(jax.random.key(0), x)
+    with pytest.raises(NameError, match="leave axis_name=None"):
+        layer.apply(variables, x, mutable=["batch_stats"])
+    with pytest.raises(NameError, match="axis_name='data' is not bound"):
+        jaxstab.all_finite(grads, axis_name="data")
+
+
+def test_an_unbound_axis_name_of_an_optimizer_says_so_too():
+    params = {"w": jnp.ones(3)}
+    tx = jaxstab.stable_adamw(1e-3, axis_name="batch")
+    with pytest.raises(NameError, match="axis_name='batch' is not bound"):
+        tx.update(params, tx.init(params), params)
+
+
+def test_telemetry_of_an_nnx_optimizer_is_arrays():
+    model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    tx = optax.chain(jaxstab.clip_by_global_norm(1.0), optax.adam(1e-3))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    out = jaxstab.telemetry(optimizer.opt_state)
+    assert set(out) == {f"0/clip_by_global_norm/{k}" for k in ("grad_norm", "scale", "clipped")}
+    assert all(isinstance(v, jax.Array) for v in out.values())
+    assert float(jax.device_get(out)["0/clip_by_global_norm/scale"]) == 1.0
