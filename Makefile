@@ -9,7 +9,7 @@ FLOOR_PINS := import re, tomllib; \
 	print("\n".join(re.sub(r"\s*>=\s*", "==", d) for d in deps))
 MULTIDEVICE := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: demo test test-oldest bench lint clean
+.PHONY: demo test test-oldest bench lint docs clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.installed-examples: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,examples]'
+	$(BIN)/pip install --quiet -e '.[test,examples,docs]'
 	touch $@
 
 demo: $(VENV)/.installed-examples
@@ -29,6 +29,11 @@ demo: $(VENV)/.installed-examples
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
+# The documentation site (docs/_build/html): warnings are errors, and every guide runs (-E: each
+# build reads every page again, so a guide reruns even when only jaxstab changed).
+docs: $(VENV)/.installed-test
+	$(BIN)/sphinx-build -E -W --keep-going -q -b html docs docs/_build/html
+
 $(OLDEST)/.installed: pyproject.toml
 	$(PY) -m venv $(OLDEST)
 	$(OLDEST_BIN)/pip install --quiet --upgrade pip
@@ -36,7 +41,7 @@ $(OLDEST)/.installed: pyproject.toml
 	$(OLDEST_BIN)/pip install --quiet -c $(OLDEST)/floors.txt -e '.[test,examples]'
 	touch $@
 
-test: lint
+test: lint docs
 	$(BIN)/python -m pytest -q -m "not multidevice"
 	$(MULTIDEVICE) $(BIN)/python -m pytest -q -m multidevice tests
 
@@ -49,4 +54,4 @@ bench: $(VENV)/.installed-examples
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(OLDEST) demo_out
+	rm -rf $(VENV) $(OLDEST) demo_out docs/_build docs/jupyter_execute
