@@ -134,3 +134,26 @@ def test_ghost_batches_under_jit_give_per_device_statistics(shard):
     np.testing.assert_allclose(upd["batch_stats"]["mean"], mean.mean(0)[0], rtol=1e-6)
     np.testing.assert_allclose(upd["batch_stats"]["var"], var.mean(0)[0], rtol=1e-4)
     assert xs.sharding.is_equivalent_to(y.sharding, 2)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_jit_over_an_explicitly_sharded_batch_needs_no_slice_of_it(fast):
+    """On a mesh of explicit axes (``jax.make_mesh``'s default in newer jax) the batch axis
+    cannot be sliced for the variance shift: the statistics still come out global and right."""
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    if axis_type is None:
+        pytest.skip("this jax has no explicit mesh axes")
+    mesh = jax.make_mesh((N_DEV,), ("batch",), axis_types=(axis_type.Explicit,))
+    x, _ = data()
+    model = jaxstab.linen.BatchNorm(
+        momentum=0.0, use_running_average=False, use_fast_variance=fast
+    )
+    variables = model.init(jax.random.key(0), jnp.asarray(x))
+    xs = jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh, P("batch")))
+    step = jax.jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"]))
+    y, upd = step(variables, xs)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean"]), x64.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"]), x64.var(0), rtol=1e-4)
+    y_single, _ = step(variables, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_single), rtol=1e-5, atol=1e-5)

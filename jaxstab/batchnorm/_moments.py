@@ -47,6 +47,20 @@ def _abs_sq(x: jax.Array) -> jax.Array:
     return lax.square(x)
 
 
+def _explicitly_sharded(x: jax.Array, axes: tuple[int, ...]) -> bool:
+    """Whether one of ``axes`` of ``x`` is split over an explicit mesh axis (what
+    ``jax.make_mesh`` makes in newer jax), where ``x[0:1]`` cannot slice it: the shifted variance
+    then takes the two-pass mean as its shift."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    explicit = set(getattr(getattr(sharding, "mesh", None), "explicit_axes", ()))
+    spec = tuple(getattr(sharding, "spec", ()) or ())
+    for axis in axes:
+        entry = spec[axis] if axis < len(spec) else None
+        if explicit.intersection((entry,) if isinstance(entry, str) else entry or ()):
+            return True
+    return False
+
+
 def moments(
     x: jax.Array,
     axes: int | Sequence[int],
@@ -132,7 +146,7 @@ def moments(
     @jax.custom_jvp
     def mean_var_count(x):
         n, shift = count, None
-        if variance == "shifted" and mask is None:
+        if variance == "shifted" and mask is None and not _explicitly_sharded(x, axes):
             shift = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
             if axis_name is not None:
                 with _checks.mapped_axis(axis_name):
