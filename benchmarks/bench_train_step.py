@@ -8,9 +8,13 @@ both at the example's context (64) and batch (16), with each cure against plain 
 
 - ``clip_by_global_norm(1)``, ``zscore_clip()`` or ``adagc()`` chained before AdamW;
   ``skip_anomalies(AdamW)``; ``stable_adamw`` and ``spam`` (the example's settings);
+- ``adam_atan2`` (the example's settings);
 - ``qk_clip(100)`` after AdamW, the model recording its attention logits (jaxstab's
   ``attention_fn``, ``mutable=["attention_logits"]``), against the model with Flax's own
   attention, which every other row uses too: what switching qk_clip on costs;
+- the example's loss and model options: the z-loss (1e-4) added to the loss; attention logits
+  soft-capped at 50 (through jaxstab's ``attention_fn``) and output logits at 30; and the
+  combination the learning-rate sweep recommends, ``qk_clip(30)`` with the z-loss;
 - ``spike_recovery(every=100)`` around the AdamW step (``recovery.wrap``: jitted, donated), on
   ordinary steps (a pair whose step took a snapshot would be left out; the default run never
   reaches step 100, where the first one is taken);
@@ -77,27 +81,37 @@ CURES = [
     "skip_anomalies(AdamW)",
     "stable_adamw",
     "spam",
+    "adam_atan2",
     "AdamW + qk_clip(100)",
+    "AdamW + z-loss(1e-4)",
+    "AdamW, soft-capped logits (50 / 30)",
+    "AdamW + qk_clip(30) + z-loss(1e-4)",
 ]
-RECORDING = {"AdamW + qk_clip(100)"}
+RECORDING = {"AdamW + qk_clip(100)", "AdamW + qk_clip(30) + z-loss(1e-4)"}
 
 
-def example_model(size: Size, *, record: bool) -> nn.Module:
-    """The example's ``GPT`` at ``size``; with Flax's own attention unless ``record``."""
-    attention = lm.dot_product_attention if record else nn.dot_product_attention
-    return lm.GPT(layers=size.layers, width=size.width, heads=size.heads, attention_fn=attention)
+def example_model(size: Size, *, record: bool, method: lm.Method = lm.METHODS["AdamW"]):
+    """The example's ``GPT`` at ``size`` as ``method`` changes it; with Flax's own attention
+    unless ``record`` or the method soft-caps the attention logits (jaxstab's attention)."""
+    if method.attention_softcap is not None or record:
+        model = method.model()  # jaxstab's attention, soft-capped as the method says
+        return model.clone(layers=size.layers, width=size.width, heads=size.heads)
+    return lm.GPT(layers=size.layers, width=size.width, heads=size.heads,
+                  attention_fn=nn.dot_product_attention)  # fmt: skip
 
 
-def train_step(model: nn.Module, tx: optax.GradientTransformation, record: bool) -> Callable:
-    """``step((params, opt_state), tokens) -> ((params, opt_state), loss)``, as the example's."""
+def train_step(model: nn.Module, tx: optax.GradientTransformation, record: bool,
+               method: lm.Method = lm.METHODS["AdamW"]) -> Callable:  # fmt: skip
+    """``step((params, opt_state), tokens) -> ((params, opt_state), loss)``, as the example's
+    (``method.loss``: cross-entropy of the soft-capped logits, plus the z-loss)."""
     tx = optax.with_extra_args_support(tx)
 
     def loss_fn(params, tokens):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if not record:
-            return lm.common.cross_entropy(model.apply({"params": params}, inputs), targets), {}
+            return method.loss(model.apply({"params": params}, inputs), targets), {}
         logits, sown = model.apply({"params": params}, inputs, mutable=[COLLECTION])
-        return lm.common.cross_entropy(logits, targets), {"max_logits": max_logits(sown)}
+        return method.loss(logits, targets), {"max_logits": max_logits(sown)}
 
     def step(state, tokens):
         params, opt_state = state
@@ -130,7 +144,8 @@ def init_params(size: Size):
     return init(jax.random.key(0), jnp.zeros((1, lm.CONTEXT), jnp.int32))["params"]
 
 
-def build(size: Size, params, tx, batches, *, record=False, recovery=None) -> tuple[Live, float]:
+def build(size: Size, params, tx, batches, *, record=False, recovery=None,
+          method: lm.Method = lm.METHODS["AdamW"]) -> tuple[Live, float]:  # fmt: skip
     """A warmed-up ``Live`` step of the model at ``size`` from a copy of ``params`` under ``tx``,
     and its first call's seconds.
 
@@ -139,7 +154,7 @@ def build(size: Size, params, tx, batches, *, record=False, recovery=None) -> tu
     """
     params = jax.tree.map(jnp.copy, params)
     state = (params, tx.init(params))
-    step = train_step(example_model(size, record=record), tx, record)
+    step = train_step(example_model(size, record=record, method=method), tx, record, method)
     if recovery is None:
         jitted = _harness.jit_step(lambda p, s, tokens: step((p, s), tokens)[0])
         live = Live(lambda st, tokens: jitted(*st, tokens), state, lambda st: True)
@@ -162,8 +177,10 @@ def variants(size: Size, batches) -> tuple[Live, dict[str, tuple[Live, float]], 
     base, base_first = build(size, params, adamw(RATE), batches)
     rows = {AA: build(size, params, adamw(RATE), batches)}
     for name in CURES:
-        tx = lm.METHODS[name].optimizer(RATE)
-        rows[name] = build(size, params, tx, batches, record=name in RECORDING)
+        method = lm.METHODS[name]
+        rows[name] = build(
+            size, params, method.optimizer(RATE), batches, record=name in RECORDING, method=method
+        )
     recovery = jaxstab.spike_recovery(every=100)
     rows[RECOVERY] = build(size, params, adamw(RATE), batches, recovery=recovery)
     return base, rows, base_first

@@ -46,9 +46,13 @@ except ImportError:  # imported as examples.transformer_lm
 import matplotlib.pyplot as plt
 
 LAYERS, WIDTH, HEADS, CONTEXT, BATCH, VOCAB = 2, 64, 4, 64, 16, 256
+# model sizes of the sweep: (layers, width, heads); head dimension 16 in both
+SIZES = {"small": (LAYERS, WIDTH, HEADS), "large": (3, 96, 6)}
 WARMUP_FRACTION, WEIGHT_DECAY, VAL_BATCHES = 0.1, 0.1, 16
 SPIKE_NATS, SPIKE_WINDOW = 0.3, 5
 SWEEP_RATES = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+# independent weight decay decays each step by what AdamW's does at this peak rate
+DECAY_REFERENCE_RATE = 1e-2
 DEMO_RATES = (3e-3, 3e-2, 3e-1)
 DEMO_METHODS = (
     "AdamW",
@@ -142,21 +146,23 @@ class GPT(nn.Module):
 
 
 class Method(NamedTuple):
-    """A way to train: ``optimizer(schedule, weight_decay)`` builds the transform; the rest
-    changes the model or the loss: layer-normalized queries and keys, soft-capped attention or
-    output logits, a z-loss term."""
+    """A way to train: ``optimizer(schedule, weight_decay)`` builds the transform;
+    ``independent_decay`` takes the weight decay out of it and decays by a fixed amount per step
+    instead (not scaled by the peak rate); the rest changes the model or the loss:
+    layer-normalized queries and keys, soft-capped attention or output logits, a z-loss term."""
 
     optimizer: Callable[..., optax.GradientTransformation]
     normalize_qk: bool = False
     attention_softcap: float | None = None
     output_softcap: float | None = None
     z_loss: float = 0.0
+    independent_decay: bool = False
 
-    def model(self) -> GPT:
+    def model(self, size: str = "small") -> GPT:
         attention = dot_product_attention
         if self.attention_softcap is not None:
             attention = functools.partial(attention, logit_softcap=self.attention_softcap)
-        return GPT(self.normalize_qk, attention_fn=attention)
+        return GPT(self.normalize_qk, *SIZES[size], attention_fn=attention)
 
     def loss(self, logits, targets, *, train: bool = True):
         """Cross-entropy of the (soft-capped) logits, plus the z-loss when training."""
@@ -168,6 +174,12 @@ class Method(NamedTuple):
 
 def adamw(schedule, wd=WEIGHT_DECAY):
     return optax.adamw(schedule, b2=0.95, weight_decay=wd)
+
+
+def spam(schedule, wd=WEIGHT_DECAY):
+    """SPAM with AdamW's settings, its moment resets scaled to a 500-step run (the paper's
+    500/150 suit long runs)."""
+    return jaxstab.spam(schedule, b2=0.95, weight_decay=wd, reset_interval=250, warmup_steps=75)
 
 
 def before_adamw(transform: Callable[[], optax.GradientTransformation]) -> Method:
@@ -193,12 +205,7 @@ METHODS: dict[str, Method] = {
     "stable_adamw": Method(
         lambda lr, wd=WEIGHT_DECAY: jaxstab.stable_adamw(lr, b2=0.95, weight_decay=wd)
     ),
-    # SPAM's moment resets scaled to a 500-step run (the paper's 500/150 suit long runs)
-    "spam": Method(
-        lambda lr, wd=WEIGHT_DECAY: jaxstab.spam(
-            lr, b2=0.95, weight_decay=wd, reset_interval=250, warmup_steps=75
-        )
-    ),
+    "spam": Method(spam),
     "AdamW + zscore_clip on the update": after_adamw(zscore_clip),
     # the output-logit cures and Gemma 2's caps, no optimizer change
     "AdamW + z-loss(1e-4)": Method(adamw, z_loss=1e-4),
@@ -207,6 +214,23 @@ METHODS: dict[str, Method] = {
     ),
     "adam_atan2": Method(
         lambda lr, wd=WEIGHT_DECAY: jaxstab.adam_atan2(lr, b2=0.95, weight_decay=wd)
+    ),
+    # combinations that keep the model as it is
+    "AdamW + qk_clip(10)": after_adamw(lambda: qk_clip(10.0)),
+    "AdamW + qk_clip(30) + z-loss(1e-4)": after_adamw(lambda: qk_clip(30.0))._replace(
+        z_loss=1e-4
+    ),
+    "adam_atan2 + qk_clip(30)": Method(
+        lambda lr, wd=WEIGHT_DECAY: optax.chain(
+            jaxstab.adam_atan2(lr, b2=0.95, weight_decay=wd), qk_clip(30.0)
+        )
+    ),
+    "AdamW, independent weight decay": Method(adamw, independent_decay=True),
+    "AdamW + qk_clip(30), independent weight decay": after_adamw(
+        lambda: qk_clip(30.0)
+    )._replace(independent_decay=True),
+    "spam + qk_clip(30)": Method(
+        lambda lr, wd=WEIGHT_DECAY: optax.chain(spam(lr, wd), qk_clip(30.0))
     ),
 }
 
@@ -226,9 +250,27 @@ class Curves(NamedTuple):
     val_loss: float
 
 
-def make_sweep(method: Method, train, val, steps: int, weight_decay: float = WEIGHT_DECAY):
+def optimizer(method: Method, rate, steps: int, weight_decay: float = WEIGHT_DECAY):
+    """``method``'s transform at peak learning rate ``rate``: warm-up, then cosine decay.
+
+    With ``method.independent_decay`` the weight decay is not scaled by the peak rate (Wortsman
+    et al. 2024, section 3.2.2): each step decays by what AdamW's decay is at
+    ``DECAY_REFERENCE_RATE``, on the same schedule.
+    """
+    unit = optax.warmup_cosine_decay_schedule(
+        0.0, 1.0, max(1, int(WARMUP_FRACTION * steps)), steps
+    )
+    schedule = lambda count: rate * unit(count)
+    if not method.independent_decay:
+        return method.optimizer(schedule, weight_decay)
+    decay = lambda count: -weight_decay * DECAY_REFERENCE_RATE * unit(count)
+    return optax.chain(method.optimizer(schedule, 0.0), optax.add_decayed_weights(decay))
+
+
+def make_sweep(method: Method, train, val, steps: int, weight_decay: float = WEIGHT_DECAY,
+               size: str = "small"):  # fmt: skip
     """``sweep(rates, seeds) -> Curves`` arrays with leading axes (rates x seeds), jitted."""
-    model = method.model()
+    model = method.model(size)
 
     def loss_fn(params, tokens, train=True):
         logits, sown = model.apply({"params": params}, tokens[:, :-1], mutable=[COLLECTION])
@@ -239,11 +281,7 @@ def make_sweep(method: Method, train, val, steps: int, weight_decay: float = WEI
     def run(rate, seed):
         key_init, key_data = jax.random.split(jax.random.key(seed))
         params = model.init(key_init, jnp.zeros((1, CONTEXT), jnp.int32))["params"]
-        unit = optax.warmup_cosine_decay_schedule(
-            0.0, 1.0, max(1, int(WARMUP_FRACTION * steps)), steps
-        )
-        schedule = lambda count: rate * unit(count)
-        tx = optax.with_extra_args_support(method.optimizer(schedule, weight_decay))
+        tx = optax.with_extra_args_support(optimizer(method, rate, steps, weight_decay))
 
         def step(carry, key):
             params, opt_state = carry
@@ -269,14 +307,14 @@ def make_sweep(method: Method, train, val, steps: int, weight_decay: float = WEI
 
 
 def sweep(names: Sequence[str], rates: Sequence[float], seeds: Sequence[int], steps: int,
-          *, progress: bool = True, weight_decay: float = WEIGHT_DECAY,
+          *, progress: bool = True, weight_decay: float = WEIGHT_DECAY, size: str = "small",
           ) -> dict[str, list[list[Curves]]]:  # fmt: skip
     """``{method: curves[rate][seed]}`` for every method in ``names``."""
     train, val = load_corpus()
     out = {}
     for name in names:
         start = time.perf_counter()
-        fn = make_sweep(METHODS[name], train, val, steps, weight_decay)
+        fn = make_sweep(METHODS[name], train, val, steps, weight_decay, size)
         arrays = fn(jnp.asarray(rates, jnp.float32), jnp.asarray(seeds, jnp.int32))
         *curves, val_loss = (np.asarray(a) for a in arrays)
         out[name] = [
@@ -372,6 +410,7 @@ def run(
     rates: Sequence[float] = SWEEP_RATES,
     seeds: int = 2,
     weight_decay: float = WEIGHT_DECAY,
+    size: str = "small",
 ) -> dict:
     start = time.perf_counter()
     names = list(names or METHODS)
@@ -380,7 +419,7 @@ def run(
         raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
     results = sweep(
         names, rates, range(seed, seed + seeds), steps, progress=progress,
-        weight_decay=weight_decay,
+        weight_decay=weight_decay, size=size,
     )  # fmt: skip
     rows = [{"method": name, **summarize(curves, rates)} for name, curves in results.items()]
     base = next((r["sensitivity"] for r in rows if r["method"] == "AdamW"), None)
@@ -390,9 +429,10 @@ def run(
         f"Char-level GPT on the stdlib, AdamW, {steps} steps: learning-rate sweep "
         f"({seeds} seed{'s' * (seeds > 1)})"
     )
-    figure = plot(rows, rates, title, os.path.join(out_dir, "transformer_lm.png"))
+    figure = plot(rows, rates, title, os.path.join(out_dir, f"transformer_lm_{size}.png"))
+    layers, width, heads = SIZES[size]
     about = (
-        f"{LAYERS} layers, width {WIDTH}, {HEADS} heads, context {CONTEXT}, batch {BATCH}; "
+        f"{layers} layers, width {width}, {heads} heads, context {CONTEXT}, batch {BATCH}; "
         f"AdamW (b2 0.95, weight decay {weight_decay}), warm-up {WARMUP_FRACTION:.0%} then "
         f"cosine; peak "
         f"rates {', '.join(f'{r:g}' for r in rates)}. Val loss in nats/byte, seed-averaged; "
@@ -403,9 +443,22 @@ def run(
         "over tokens of logsumexp of the output logits, over the last 100 steps (the largest "
         "run's; its drift is the output-logit divergence the z-loss cures)."
     )
-    return common.scenario_result(
+    result = common.scenario_result(
         "transformer_lm", title, about, rows, COLUMNS, results, figure, start
     )
+    return {**result, "per_rate": per_rate_table(rows, rates)}
+
+
+def per_rate_table(rows: list[dict], rates: Sequence[float]) -> str:
+    """Seed-averaged final val loss of each method at each rate: where its sensitivity is."""
+    keys = [f"{r:g}" for r in rates]
+    columns = [("method", "method", "{}")]
+    columns += [(key, f"val loss at {key}", "{:.3f}") for key in keys]
+    table = [
+        {"method": row["method"], **dict(zip(keys, row["final_per_rate"], strict=True))}
+        for row in rows
+    ]
+    return common.table(table, columns)
 
 
 def demo(steps: int = 180, seed: int = 0, out_dir: str = "demo_out") -> dict:
@@ -420,12 +473,15 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=2, help="seeds per rate")
     parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
                         help="AdamW's (and the stabilizers') decoupled weight decay")  # fmt: skip
+    sizes = ", ".join(f"{name} {size}" for name, size in SIZES.items())
+    parser.add_argument("--size", choices=list(SIZES), default="small",
+                        help=f"(layers, width, heads): {sizes}")  # fmt: skip
     args = parser.parse_args(argv)
     names = None if args.sweep else args.methods
     result = run(args.steps, args.seed, args.out, names, rates=args.rates, seeds=args.seeds,
-                 weight_decay=args.weight_decay)  # fmt: skip
-    print(result["title"], result["about"], result["table"], f"plot: {result['figure']}",
-          f"({result['seconds']:.0f} s)", sep="\n")  # fmt: skip
+                 weight_decay=args.weight_decay, size=args.size)  # fmt: skip
+    print(result["title"], result["about"], result["table"], result["per_rate"],
+          f"plot: {result['figure']}", f"({result['seconds']:.0f} s)", sep="\n")  # fmt: skip
 
 
 if __name__ == "__main__":

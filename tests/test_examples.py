@@ -88,6 +88,39 @@ def test_transformer_lm_sweep(tmp_path):
     assert adamw["best_loss"] < 0.8 * np.log(256)  # it learns (chance: log 256 nats)
     assert adamw["max_logit"] > 10 * clipped["max_logit"]
     assert adamw["ratio"] == 1.0 and clipped["sensitivity"] >= 0
+    per_rate = result["per_rate"].splitlines()
+    assert "val loss at 0.003" in per_rate[0] and "val loss at 0.3" in per_rate[0]
+    assert f"{adamw['top_loss']:.3f}" in next(r for r in per_rate if r.startswith("| AdamW "))
+
+
+@pytest.mark.parametrize("rate", [1e-2, 0.3])
+def test_transformer_lm_independent_weight_decay_does_not_scale_with_the_rate(rate):
+    """With zero gradients only the decay moves the weights: AdamW's grows with the peak rate,
+    the independent one is AdamW's at the reference rate whatever the peak."""
+    params = {"w": jnp.ones(3)}
+    zeros = {"w": jnp.zeros(3)}
+
+    def decay_after(name, rate):
+        tx = transformer_lm.optimizer(transformer_lm.METHODS[name], rate, steps=100)
+        state = tx.init(params)
+        for _ in range(20):
+            updates, state = tx.update(zeros, state, params)
+        return float(updates["w"][0])
+
+    reference = decay_after("AdamW", transformer_lm.DECAY_REFERENCE_RATE)
+    independent = decay_after("AdamW, independent weight decay", rate)
+    np.testing.assert_allclose(independent, reference, rtol=1e-6)
+    scaled = reference * rate / transformer_lm.DECAY_REFERENCE_RATE
+    np.testing.assert_allclose(decay_after("AdamW", rate), scaled, rtol=1e-5)
+
+
+def test_transformer_lm_sizes_build_the_model_they_name():
+    tokens = jnp.zeros((1, transformer_lm.CONTEXT), jnp.int32)
+    for size, (layers, width, heads) in transformer_lm.SIZES.items():
+        model = transformer_lm.METHODS["AdamW"].model(size)
+        params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+        assert sum(k.startswith("Block_") for k in params) == layers
+        assert params["Block_0"]["attn"]["query"]["kernel"].shape == (width, heads, width // heads)
 
 
 def test_transformer_lm_methods_change_the_loss_and_the_model_as_named():
