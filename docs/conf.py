@@ -111,77 +111,6 @@ def _namedtuple_field_doc(app, what, name, obj, options, lines):
     lines[:] = [comment] if comment else []
 
 
-# -- Google "Args:" entries whose list of names wraps onto a second line -------------------------
-# ``bias, mask, ..., precision,`` / ``    force_fp32_for_softmax, is_causal: as in Flax's ...``:
-# napoleon reads only the first line as the names. Joined into one line before napoleon runs.
-_WRAPPED_NAMES = re.compile(r"^(\s+)(\w+(?:,\s*\w+)*,)\s*$")
-_NAMES_REST = re.compile(r"^\s+(\w+(?:,\s*\w+)*\s*:.*)$")
-
-
-_SECTION = re.compile(r"^\s*[A-Z][A-Za-z ]*:\s*$")
-
-
-def _join_wrapped_arg_names(app, what, name, obj, options, lines):
-    section, i = None, 0
-    while i + 1 < len(lines):
-        if _SECTION.match(lines[i]):
-            section = lines[i].strip()
-        head, rest = _WRAPPED_NAMES.match(lines[i]), _NAMES_REST.match(lines[i + 1])
-        indent = len(lines[i + 1]) - len(lines[i + 1].lstrip())
-        if section == "Args:" and head and rest and indent > len(head.group(1)):
-            lines[i : i + 2] = [f"{head.group(1)}{head.group(2)} {rest.group(1)}"]
-        else:
-            i += 1
-
-
-# -- "Attributes:" entries naming several attributes ----------------------------------------------
-# napoleon splits ``use_bias, use_scale: ...`` into one entry per name under "Args:" but not
-# under "Attributes:"; this does the same there.
-_MULTI_NAME = re.compile(r"^(\s+)(\w+(?:,\s*\w+)+)\s*:(.*)$")
-
-
-def _split_multi_name_attributes(app, what, name, obj, options, lines):
-    out, section, i = [], None, 0
-    while i < len(lines):
-        line = lines[i]
-        if _SECTION.match(line):
-            section = line.strip()
-        match = _MULTI_NAME.match(line) if section == "Attributes:" else None
-        if not match:
-            out.append(line)
-            i += 1
-            continue
-        indent, names, first = match.groups()
-        body = []
-        i += 1
-        while (
-            i < len(lines)
-            and lines[i].strip()
-            and len(lines[i]) - len(lines[i].lstrip()) > len(indent)
-        ):
-            body.append(lines[i])
-            i += 1
-        for attr in re.split(r",\s*", names):
-            out.extend([f"{indent}{attr}:{first}", *body])
-    lines[:] = out
-
-
-# -- Properties: their docstring as written --------------------------------------------------------
-# napoleon reads a property's first line "Whether x: y" as "type: description"; a property's type
-# comes from its annotation anyway, so its docstring skips napoleon.
-_PROPERTY_DOCS: dict[str, list[str]] = {}
-
-
-def _keep_property_docstring(app, what, name, obj, options, lines):
-    if what == "property":
-        _PROPERTY_DOCS[name] = list(lines)
-
-
-def _restore_property_docstring(app, what, name, obj, options, lines):
-    if what == "property" and name in _PROPERTY_DOCS:
-        lines[:] = _PROPERTY_DOCS.pop(name)
-
-
 # -- A module-level string documented with autodata: not ``str``'s own docstring -----------------
 def _no_builtin_docstring(app, what, name, obj, options, lines):
     if what == "data" and type(obj).__module__ == "builtins":
@@ -243,9 +172,5 @@ def _resolve_reexport(app, env, node, contnode):
 def setup(app):
     app.connect("missing-reference", _resolve_reexport)
     _skip_metaclass_call_signatures()
-    app.connect("autodoc-process-docstring", _join_wrapped_arg_names, priority=100)
-    app.connect("autodoc-process-docstring", _split_multi_name_attributes, priority=100)
-    app.connect("autodoc-process-docstring", _keep_property_docstring, priority=100)
-    app.connect("autodoc-process-docstring", _restore_property_docstring, priority=900)
     app.connect("autodoc-process-docstring", _no_builtin_docstring)
     app.connect("autodoc-process-docstring", _namedtuple_field_doc)

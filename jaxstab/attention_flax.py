@@ -91,8 +91,9 @@ def dot_product_attention(
 
     Args:
       query, key, value: ``(batch..., length, heads, head_dim)``.
-      bias, mask, broadcast_dropout, dropout_rng, dropout_rate, deterministic, dtype, precision,
-        force_fp32_for_softmax, is_causal: as in Flax's ``dot_product_attention``.
+      bias, mask, broadcast_dropout, dropout_rng, dropout_rate: as in Flax's
+        ``dot_product_attention``.
+      deterministic, dtype, precision, force_fp32_for_softmax, is_causal: as there too.
       module: the attention module to record on; None records nothing.
       logit_softcap: the soft-cap on the logits, ``> 0`` and finite (a Python float or scalar
         array), or None for none.

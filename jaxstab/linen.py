@@ -54,8 +54,10 @@ class BatchNorm(nn.Module):
       epsilon: ``> 0``, added to the variance.
       dtype: the output dtype (default: inferred from the input and params).
       param_dtype: dtype of ``scale`` and ``bias``.
-      use_bias, use_scale: learn ``bias`` (beta) / ``scale`` (gamma).
-      bias_init, scale_init: their initializers.
+      use_bias: learn ``bias`` (beta).
+      use_scale: learn ``scale`` (gamma).
+      bias_init: the initializer of ``bias``.
+      scale_init: the initializer of ``scale``.
       axis_name: mapped axis name(s) to pool the statistics over (``shard_map``/``pmap``/
         ``vmap``). Not needed under ``jit`` with sharded inputs. Ignored during ``init``.
       axis_index_groups: groups of device indices to pool separately (``pmap`` only).
@@ -65,9 +67,10 @@ class BatchNorm(nn.Module):
       use_variance_shift: the one pass subtracts a per-feature sample of the batch first (default
         True: no cancellation). False reproduces flax's ``E[x^2] - E[x]^2`` exactly.
       renorm: Batch Renormalization (Ioffe 2017) in training.
-      r_max, d_max: renorm's limits, ``>= 1`` and ``>= 0``: floats or optax schedules of the
-        training step, then counted in ``batch_stats['step']``
-        (:func:`jaxstab.batchnorm.renorm_schedules` gives the paper's ramp).
+      r_max: renorm's limit on ``r``, ``>= 1``: a float or an optax schedule of the training
+        step, then counted in ``batch_stats['step']`` (:func:`jaxstab.batchnorm.renorm_schedules`
+        gives the paper's ramp).
+      d_max: renorm's limit on ``d``, ``>= 0``: a float or a schedule, as ``r_max``.
       virtual_batch_size: ghost batch norm (Hoffer et al. 2017): in training, each group of this
         many consecutive examples along the leading axis is normalized with its own statistics.
         It must divide the batch. Not applied during ``init``.

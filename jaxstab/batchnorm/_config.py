@@ -38,8 +38,9 @@ class BatchNormConfig:
       renorm: Batch Renormalization (Ioffe 2017): in training, correct the batch statistics
         towards the running ones with ``r``, ``d`` from
         :func:`jaxstab.batchnorm.renorm_correction`.
-      r_max, d_max: renorm's clipping limits, ``>= 1`` and ``>= 0``: floats or schedules of the
-        training step (see :func:`jaxstab.batchnorm.renorm_schedules`), checked at step 0.
+      r_max: renorm's clipping limit on ``r``, ``>= 1``: a float or a schedule of the training
+        step (see :func:`jaxstab.batchnorm.renorm_schedules`), checked at step 0.
+      d_max: renorm's clipping limit on ``d``, ``>= 0``: a float or a schedule, as ``r_max``.
       virtual_batch_size: ghost batch norm (Hoffer et al. 2017): None, or a positive int that
         splits the leading axis in training into consecutive groups of that size, each
         normalized with its own statistics (with ``axis_name``, group ``g`` pooled across
@@ -96,7 +97,7 @@ class BatchNormConfig:
 
     @property
     def counts_steps(self) -> bool:
-        """Whether the running statistics carry a ``step`` counter: renorm with a schedule."""
+        """Whether the running statistics carry a ``step`` counter (renorm with a schedule)."""
         return self.renorm and (callable(self.r_max) or callable(self.d_max))
 
     def feature_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
