@@ -256,16 +256,16 @@ def optimizer(method: Method, rate, steps: int, weight_decay: float = WEIGHT_DEC
 
     With ``method.independent_decay`` the weight decay is not scaled by the peak rate (Wortsman
     et al. 2024, section 3.2.2): each step decays by what AdamW's decay is at
-    ``DECAY_REFERENCE_RATE``, on the same schedule.
+    ``DECAY_REFERENCE_RATE``, on the same schedule (AdamW's decoupled decay, ``weight_decay`` times
+    the scheduled rate, with ``weight_decay`` divided by ``rate / DECAY_REFERENCE_RATE``).
     """
     unit = optax.warmup_cosine_decay_schedule(
         0.0, 1.0, max(1, int(WARMUP_FRACTION * steps)), steps
     )
     schedule = lambda count: rate * unit(count)
-    if not method.independent_decay:
-        return method.optimizer(schedule, weight_decay)
-    decay = lambda count: -weight_decay * DECAY_REFERENCE_RATE * unit(count)
-    return optax.chain(method.optimizer(schedule, 0.0), optax.add_decayed_weights(decay))
+    if method.independent_decay:
+        weight_decay = weight_decay * DECAY_REFERENCE_RATE / rate
+    return method.optimizer(schedule, weight_decay)
 
 
 def make_sweep(method: Method, train, val, steps: int, weight_decay: float = WEIGHT_DECAY,
