@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 from jaxstab import nn
 from jaxstab._norms import flax_unit_axes, global_norm
-from jaxstab.adam_atan2 import ScaleByAdamAtan2State, adam_atan2, scale_by_adam_atan2
 from jaxstab.adaptive import (
     AdagcState,
     QuantileClipState,
@@ -40,8 +39,11 @@ from jaxstab.guards import (
 )
 from jaxstab.logits import softcap, z_loss
 from jaxstab.optimizers import (
+    ScaleByAdamAtan2State,
     ScaleBySpamState,
     ScaleByStableAdamState,
+    adam_atan2,
+    scale_by_adam_atan2,
     scale_by_spam,
     scale_by_stable_adam,
     spam,

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxstab
-from jaxstab.adam_atan2 import ScaleByAdamAtan2State, adam_atan2, scale_by_adam_atan2
+from jaxstab.optimizers.adam_atan2 import ScaleByAdamAtan2State, adam_atan2, scale_by_adam_atan2
 
 SHAPES = {"kernel": (5, 4), "bias": (4,), "conv": (2, 3, 2), "scale": ()}
 A, B = 1.27, 1.0

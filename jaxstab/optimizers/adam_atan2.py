@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxstab import _adam, _checks, _norms
-from jaxstab._adam import Mask
+from jaxstab import _checks, _norms
 from jaxstab._norms import AxisName
+from jaxstab.optimizers import _adam
+from jaxstab.optimizers._adam import Mask
 from jaxstab.telemetry import telemetry_state
 
 _F32 = jnp.float32
@@ -136,7 +137,7 @@ def scale_by_adam_atan2(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jaxstab.adam_atan2 import scale_by_adam_atan2
+      >>> from jaxstab import scale_by_adam_atan2
       >>> tx = scale_by_adam_atan2()
       >>> state = tx.init({"w": jnp.zeros(4)})
       >>> g = {"w": jnp.array([1e-12, 3.0, 0.0, -1e12])}
@@ -240,7 +241,7 @@ def adam_atan2(
 
     Example:
       >>> import jax.numpy as jnp, optax, jaxstab
-      >>> from jaxstab.adam_atan2 import adam_atan2
+      >>> from jaxstab import adam_atan2
       >>> params = {"w": jnp.ones(2)}
       >>> tiny = {"w": jnp.array([1e-10, -1e-10])}  # gradients far below Adam's eps
       >>> for tx in (optax.adamw(1e-3, weight_decay=0.0), adam_atan2(1e-3, weight_decay=0.0)):

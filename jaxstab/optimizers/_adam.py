@@ -1,11 +1,10 @@
 """Adam's shared machinery: moments, bias correction, decoupled weight decay, per-tensor gating.
 
-Pure functions over JAX arrays that the Adam variants (:mod:`jaxstab.optimizers`,
-:mod:`jaxstab.adam_atan2`) build on, so the math that makes them drop-ins for ``optax.adamw``
-lives in one place: the moments are float32 (at least) whatever the parameters' dtype, the bias
-correction rounds as optax's does, weight decay follows ``optax.add_decayed_weights`` (mask
-included), and a tensor whose gradient is not finite gets an exact-zero update and keeps its
-moments.
+Pure functions over JAX arrays that the Adam variants of :mod:`jaxstab.optimizers` build on, so
+the math that makes them drop-ins for ``optax.adamw`` lives in one place: the moments are float32
+(at least) whatever the parameters' dtype, the bias correction rounds as optax's does, weight
+decay follows ``optax.add_decayed_weights`` (mask included), and a tensor whose gradient is not
+finite gets an exact-zero update and keeps its moments.
 """
 
 from __future__ import annotations
