@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import jaxstab
 from jaxstab.adaptive import zscore_clip
 from jaxstab.optimizers import scale_by_spam, scale_by_stable_adam, spam, stable_adamw
-from jaxstab.optimizers.spam import _clipped_from_new_moment
+from jaxstab.optimizers._spam import _clipped_from_new_moment
 
 SHAPES = {"kernel": (6, 4), "bias": (4,), "scale": ()}
 
