@@ -1,4 +1,4 @@
-"""Update-side stabilizers: stable_adamw and spam against optax.adamw.
+"""Update-side optimizers: stable_adamw, spam and adam_atan2 against optax.adamw.
 
 Step time on a jitted, params-donated step (10M float32 parameters in 20 leaves), timed
 round-robin in one process and reported as a ratio to ``optax.adamw``; targets 1.15x. Compile time
@@ -19,7 +19,7 @@ import optax
 
 from benchmarks import _harness, bench_compile
 from jaxstab.adaptive import zscore_clip
-from jaxstab.optimizers import spam, stable_adamw
+from jaxstab.optimizers import adam_atan2, spam, stable_adamw
 
 
 def per_tensor_floor() -> optax.GradientTransformation:
@@ -40,6 +40,7 @@ def variants() -> dict[str, optax.GradientTransformation]:
         "stable_adamw": stable_adamw(1e-3),
         "spam": spam(1e-3),
         "spam (count_spikes=True)": spam(1e-3, count_spikes=True),
+        "adam_atan2": adam_atan2(1e-3),
         "adamw + zscore_clip (update norm)": optax.chain(optax.adamw(1e-3), zscore_clip()),
         "adamw + a reduction per tensor (reference)": optax.chain(
             per_tensor_floor(), optax.adamw(1e-3)
