@@ -620,3 +620,33 @@ def test_report_is_zero_in_inference_and_the_default_returns_a_pair():
     assert len(core.batch_norm(x, stats)) == 2
     _, kept, nonfinite = core.batch_norm(x, stats, use_running_average=True, report=True)
     assert int(nonfinite) == 0 and kept is stats
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients through the transformations that trace the moments anew (scan, remat, cond, jit):
+# their count and mask are tracers there, which the custom JVP must take as arguments.
+
+_NESTINGS = {
+    "jit": lambda f: jax.jit(f),
+    "checkpoint": lambda f: jax.checkpoint(f),
+    "cond": lambda f: lambda a: jax.lax.cond(True, f, f, a),
+    "scan": lambda f: lambda a: jax.lax.scan(lambda c, b: (c + f(b), None), 0.0, a[None])[0],
+}
+
+
+@pytest.mark.parametrize("nesting", list(_NESTINGS))
+@pytest.mark.parametrize("variance", VARIANCES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradient_through_scan_remat_cond_and_jit_equals_the_plain_one(nesting, variance, masked):
+    x = jax.random.normal(jax.random.key(0), (8, 4)) + 3.0
+    mask = (jnp.arange(8) % 3 != 0)[:, None] if masked else None
+
+    def stats(a):
+        m = core.moments(a, 0, mask=mask, variance=variance)
+        return jnp.sum(m.var * m.mean)
+
+    loss = lambda w, f: f(x * w)
+    want = jax.grad(loss)(1.5, stats)
+    got = jax.jit(jax.grad(loss), static_argnums=1)(1.5, _NESTINGS[nesting](stats))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert np.isfinite(want) and want != 0

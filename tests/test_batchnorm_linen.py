@@ -379,3 +379,33 @@ def test_a_nan_batch_does_not_poison_running_statistics_and_is_reported():
     # without the collection mutable nothing is reported, as with any sow
     _, upd = model.apply(variables, bad, mutable=["batch_stats"])
     assert set(upd) == {"batch_stats"}
+
+
+@pytest.mark.parametrize("wrap", ["scan", "remat"])
+def test_gradient_through_nn_scan_and_nn_remat_equals_flax(wrap):
+    """Training a stack of layers under ``nn.scan`` or ``nn.remat``: the gradient equals flax's."""
+
+    def block(bn_cls):
+        class Block(fnn.Module):
+            @fnn.compact
+            def __call__(self, h, _):
+                return bn_cls(use_running_average=False)(fnn.Dense(4)(h)), None
+
+        if wrap == "scan":
+            axes = {"params": 0, "batch_stats": 0}
+            return fnn.scan(Block, variable_axes=axes, split_rngs={"params": True}, length=3)()
+        return fnn.remat(Block)()
+
+    x = normal(0, (8, 4))
+    grads = []
+    for bn_cls in BOTH:
+        model = block(bn_cls)
+        variables = model.init(jax.random.key(1), x, None)
+
+        def loss(params, model=model, variables=variables):
+            out = model.apply({**variables, "params": params}, x, None, mutable=["batch_stats"])
+            return jnp.sum(out[0][0] ** 3)
+
+        grads.append(jax.jit(jax.grad(loss))(variables["params"]))
+    for got, want in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -140,11 +140,13 @@ def moments(
         mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
         count = jnp.sum(mask, axes, keepdims=True, dtype=real)
 
-    def valid(t):
+    def valid(t, mask):
         return t if mask is None else jnp.where(mask, t, jnp.zeros((), t.dtype))
 
+    # ``count`` and ``mask`` are arguments, not captured: under ``grad`` of a ``scan``, ``remat``,
+    # ``cond`` or inner ``jit`` they are tracers, which a custom_jvp function may not close over.
     @jax.custom_jvp
-    def mean_var_count(x):
+    def mean_var_count(x, count, mask):
         n, shift = count, None
         if variance == "shifted" and mask is None and not _explicitly_sharded(x, axes):
             shift = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
@@ -152,14 +154,14 @@ def moments(
                 with _checks.mapped_axis(axis_name):
                     shift = lax.pmean(shift, axis_name, axis_index_groups=axis_index_groups)
         elif variance != "fast":
-            n, total = pooled_sums(count, valid(x))
+            n, total = pooled_sums(count, valid(x, mask))
             shift = total / jnp.maximum(n, 1)
         if shift is None:
-            d1 = d2 = valid(x)
+            d1 = d2 = valid(x, mask)
         else:
             # Two spellings of x - K, so that XLA fuses each into its own reduction instead of
             # materializing one difference shared by both.
-            d1, d2 = valid(x + (-shift)), valid(x - shift)
+            d1, d2 = valid(x + (-shift), mask), valid(x - shift, mask)
         if n is count:
             n, s1, s2 = pooled_sums(count, d1, _abs_sq(d2))
         else:
@@ -173,11 +175,11 @@ def moments(
 
     @mean_var_count.defjvp
     def mean_var_count_jvp(primals, tangents):
-        (x,), (dx,) = primals, tangents
-        mean, var, n = mean_var_count(x)
-        centered = valid(x - mean)
-        dsum, dsq = pooled_sums(valid(dx), jnp.real(jnp.conj(centered) * dx))
+        (x, count, mask), (dx, _, _) = primals, tangents
+        mean, var, n = mean_var_count(x, count, mask)
+        centered = valid(x - mean, mask)
+        dsum, dsq = pooled_sums(valid(dx, mask), jnp.real(jnp.conj(centered) * dx))
         safe_n = jnp.maximum(n, 1)
         return (mean, var, n), (dsum / safe_n, 2 * dsq / safe_n, jnp.zeros_like(n))
 
-    return Moments(*mean_var_count(x))
+    return Moments(*mean_var_count(x, count, mask))
