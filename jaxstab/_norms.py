@@ -337,10 +337,21 @@ def scale_tree(tree, factor: jax.Array):
 # Layouts: which axes of a leaf form one unit
 
 
+def leaf_path(path: KeyPath) -> KeyPath:
+    """``path`` without the trailing ``.value`` of a Flax ``nnx.Variable`` (what the leaves of
+    ``nnx.state``, ``nnx.split`` and ``nnx.grad`` flatten through), so that the Variable's and the
+    plain array's leaves have one path, e.g. ``out/kernel``."""
+    last = path[-1] if path else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+        return path[:-1]
+    return path
+
+
 def path_str(path: KeyPath) -> str:
-    """A key path as a ``/``-joined string, e.g. ``"Dense_0/kernel"``."""
+    """A key path as a ``/``-joined string, e.g. ``"Dense_0/kernel"`` (a trailing ``.value`` of an
+    ``nnx.Variable`` dropped, see :func:`leaf_path`)."""
     parts = []
-    for key in path:
+    for key in leaf_path(path):
         for attr in ("name", "key", "idx"):
             if hasattr(key, attr):
                 parts.append(str(getattr(key, attr)))

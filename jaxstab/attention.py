@@ -205,8 +205,14 @@ def qk_clip(
     def update_fn(updates, state, params=None, *, max_logits=None, **extra_args):
         del state, extra_args
         if params is None or max_logits is None:
+            missing = " and ".join(
+                name for name, v in (("params", params), ("max_logits", max_logits)) if v is None
+            )
             raise ValueError(
-                "qk_clip needs params and max_logits: update(updates, state, params, max_logits=)"
+                f"qk_clip needs params and max_logits, got no {missing}: call "
+                "tx.update(updates, state, params, max_logits=...) (flax's "
+                "TrainState.apply_gradients passes no extra arguments: call tx.update yourself, "
+                "then state.replace(...))"
             )
         _checks.check_same_structure("updates", updates, "params", params)
         logits = {
@@ -221,7 +227,7 @@ def qk_clip(
             role = projection(path) if _norms.is_array_leaf(u) else None
             if role is None:
                 continue
-            module = _norms.path_str(path[:-2])
+            module = _norms.path_str(_norms.leaf_path(path)[:-2])
             if module not in logits:
                 raise ValueError(
                     f"qk_clip: no max_logits for attention module {module!r} (leaf "

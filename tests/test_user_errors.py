@@ -75,3 +75,41 @@ def test_telemetry_of_an_nnx_optimizer_is_arrays():
     assert set(out) == {f"0/clip_by_global_norm/{k}" for k in ("grad_norm", "scale", "clipped")}
     assert all(isinstance(v, jax.Array) for v in out.values())
     assert float(jax.device_get(out)["0/clip_by_global_norm/scale"]) == 1.0
+
+
+def test_raw_nnx_state_is_read_as_its_arrays_are():
+    """``nnx.state``/``nnx.split``/``nnx.grad`` leaves are Variables, whose paths end in
+    ``.value``: the path-based layouts (AGC's units, qk_clip's projections, layer_norms' layers)
+    must read them as they read the plain arrays of ``nnx.as_pure``."""
+    from jaxstab.attention_flax import MaxLogits, dot_product_attention
+
+    mha = nnx.MultiHeadAttention(
+        4, 16, decode=False, attention_fn=dot_product_attention, rngs=nnx.Rngs(0)
+    )
+    raw = nnx.state(mha, nnx.Param)
+    pure = nnx.as_pure(raw)
+    grads = lambda tree: jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), tree)
+
+    agc = jaxstab.adaptive_grad_clip(0.01)
+    from_raw, _ = agc.update(grads(raw), agc.init(raw), raw)
+    from_pure, _ = agc.update(grads(pure), agc.init(pure), pure)
+    pairs = zip(jax.tree.leaves(nnx.as_pure(from_raw)), jax.tree.leaves(from_pure), strict=True)
+    assert all(jnp.array_equal(a, b) for a, b in pairs)
+
+    x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    _, captured = nnx.capture(lambda m, x: m(x, sow_weights=True), MaxLogits)(mha, x)
+    max_logits = jaxstab.gather_max_logits(nnx.to_pure_dict(captured))
+    qk = jaxstab.qk_clip(1.0)
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    _, state_raw = qk.update(zeros(raw), qk.init(raw), raw, max_logits=max_logits)
+    _, state_pure = qk.update(zeros(pure), qk.init(pure), pure, max_logits=max_logits)
+    assert float(state_raw.heads_clipped) == float(state_pure.heads_clipped) == 4.0
+
+    assert sorted(jaxstab.layer_norms(grads(raw))) == sorted(jaxstab.layer_norms(grads(pure)))
+
+
+def test_qk_clip_without_max_logits_says_what_is_missing_and_how_to_call_it():
+    params = {"attn": {"query": {"kernel": jnp.ones((4, 2, 2))}}}
+    tx = jaxstab.qk_clip(10.0)
+    with pytest.raises(ValueError, match=r"got no max_logits: call tx\.update.*apply_gradients"):
+        tx.update(params, tx.init(params), params)
