@@ -133,6 +133,7 @@ def qk_clip(
     tau: float | jax.Array = 30.0,
     *,
     projection: Callable[[KeyPath], str | None] | None = None,
+    axis_name: _norms.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """QK-Clip: scales the query and key weights of each head whose logits exceeded ``tau``.
 
@@ -170,6 +171,10 @@ def qk_clip(
       projection: ``f(path) -> "query" | "key" | None`` naming the leaves to scale; the attention
         module is the leaf's grandparent (``path[:-2]``). ``None`` means Flax's layout
         (:func:`flax_projection`).
+      axis_name: inside ``pmap``/``shard_map`` with the batch split across devices (data
+        parallel), the mapped axis name(s): each head's largest logit is taken over every
+        device's batch (one ``pmax``), so the replicas clip alike and stay identical. Not needed
+        under ``jit`` with sharded arrays.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose update needs ``params`` and
@@ -215,6 +220,9 @@ def qk_clip(
                 "then state.replace(...))"
             )
         _checks.check_same_structure("updates", updates, "params", params)
+        if axis_name is not None:
+            with _checks.mapped_axis(axis_name):
+                max_logits = jax.lax.pmax(max_logits, axis_name)
         logits = {
             _norms.path_str(path): s
             for path, s in jax.tree_util.tree_flatten_with_path(max_logits)[0]

@@ -85,3 +85,36 @@ def test_one_scalar_all_reduce_per_norm_in_shard_map(shard, jit_shard_map):
     scalar = [line for line in main_path if re.search(r"= f32\[\] all-reduce\(", line)]
     # One on the common path, one in the rescue branch (runs only on over/underflow).
     assert count_all_reduces(hlo) == 2 and len(scalar) == 2, main_path
+
+
+def test_qk_clip_with_axis_name_clips_every_replica_by_the_largest_logit_of_all():
+    """Data parallel under pmap: each device records its own batch's logits; with ``axis_name``
+    every replica clips by the largest over all devices (as one device would on the whole
+    batch), so the replicas stay identical. Without it they drift apart."""
+    n = jax.device_count()
+    rng = np.random.default_rng(0)
+    params = {"attn": {r: {"kernel": jnp.asarray(rng.normal(size=(8, 2, 4)), jnp.float32)}
+                       for r in ("query", "key")}}
+    # per device, per head: head 0 over tau on one device only, head 1 on every device
+    logits = np.full((n, 2), 5.0, np.float32)
+    logits[0, 0], logits[:, 1] = 40.0, np.linspace(20.0, 60.0, n)
+    replicated = jax.tree.map(lambda p: jnp.broadcast_to(p, (n, *p.shape)), params)
+
+    def step(params, max_logits, axis_name):
+        tx = jaxstab.qk_clip(10.0, axis_name=axis_name)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = tx.update(zeros, tx.init(params), params, max_logits={"attn": max_logits})
+        return optax.apply_updates(params, updates)
+
+    pooled = jax.pmap(lambda p, s: step(p, s, "batch"), axis_name="batch")(
+        replicated, jnp.asarray(logits)
+    )
+    want = step(params, jnp.asarray(logits.max(axis=0)), None)
+    for leaf, single in zip(jax.tree.leaves(pooled), jax.tree.leaves(want), strict=True):
+        for device in range(n):
+            np.testing.assert_array_equal(leaf[device], single)
+    local = jax.pmap(lambda p, s: step(p, s, None), axis_name="batch")(
+        replicated, jnp.asarray(logits)
+    )
+    kernel = local["attn"]["query"]["kernel"]
+    assert not np.array_equal(kernel[0], kernel[-1])  # without it, the replicas drift apart
