@@ -182,4 +182,12 @@ def max_logits(variables):
     Returns:
       Per-head maxima following the params' structure down to each attention module.
     """
+    if COLLECTION not in variables:
+        raise KeyError(
+            f"max_logits: no {COLLECTION!r} collection in the variables given (it has "
+            f"{sorted(variables)}). The attention records only when called with "
+            f"sow_weights=True and apply(..., mutable=[{COLLECTION!r}]), e.g. "
+            f"MultiHeadDotProductAttention(..., attention_fn=dot_product_attention)(x, "
+            "sow_weights=True)"
+        )
     return gather_max_logits(variables[COLLECTION])

@@ -113,3 +113,10 @@ def test_qk_clip_without_max_logits_says_what_is_missing_and_how_to_call_it():
     tx = jaxstab.qk_clip(10.0)
     with pytest.raises(ValueError, match=r"got no max_logits: call tx\.update.*apply_gradients"):
         tx.update(params, tx.init(params), params)
+
+
+def test_max_logits_without_the_recorded_collection_says_how_to_record():
+    from jaxstab.attention_flax import max_logits
+
+    with pytest.raises(KeyError, match=r"sow_weights=True.*mutable=\['attention_logits'\]"):
+        max_logits({"batch_stats": {}})
