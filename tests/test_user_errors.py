@@ -80,25 +80,26 @@ def test_telemetry_of_an_nnx_optimizer_is_arrays():
 def test_raw_nnx_state_is_read_as_its_arrays_are():
     """``nnx.state``/``nnx.split``/``nnx.grad`` leaves are Variables, whose paths end in
     ``.value``: the path-based layouts (AGC's units, qk_clip's projections, layer_norms' layers)
-    must read them as they read the plain arrays of ``nnx.as_pure``."""
+    must read them as they read the plain arrays of ``nnx.to_pure_dict``."""
     from jaxstab.attention_flax import MaxLogits, dot_product_attention
 
     mha = nnx.MultiHeadAttention(
         4, 16, decode=False, attention_fn=dot_product_attention, rngs=nnx.Rngs(0)
     )
     raw = nnx.state(mha, nnx.Param)
-    pure = nnx.as_pure(raw)
+    pure = nnx.to_pure_dict(raw)
     grads = lambda tree: jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), tree)
 
     agc = jaxstab.adaptive_grad_clip(0.01)
     from_raw, _ = agc.update(grads(raw), agc.init(raw), raw)
     from_pure, _ = agc.update(grads(pure), agc.init(pure), pure)
-    pairs = zip(jax.tree.leaves(nnx.as_pure(from_raw)), jax.tree.leaves(from_pure), strict=True)
+    raw_leaves = jax.tree.leaves(nnx.to_pure_dict(from_raw))
+    pairs = zip(raw_leaves, jax.tree.leaves(from_pure), strict=True)
     assert all(jnp.array_equal(a, b) for a, b in pairs)
 
     x = jax.random.normal(jax.random.key(1), (2, 5, 16))
-    _, captured = nnx.capture(lambda m, x: m(x, sow_weights=True), MaxLogits)(mha, x)
-    max_logits = jaxstab.gather_max_logits(nnx.to_pure_dict(captured))
+    mha(x, sow_weights=True)
+    max_logits = jaxstab.gather_max_logits(nnx.to_pure_dict(nnx.pop(mha, MaxLogits)))
     qk = jaxstab.qk_clip(1.0)
     zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
     _, state_raw = qk.update(zeros(raw), qk.init(raw), raw, max_logits=max_logits)
