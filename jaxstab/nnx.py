@@ -14,10 +14,11 @@ from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from jaxstab.batchnorm import BatchNormConfig, BatchStats, batch_norm
-from jaxstab.batchnorm._config import module_config
+from jaxstab.batchnorm._config import module_config, variance_algorithm
 from jaxstab.batchnorm._renorm import Limit
 
 _OPTIONS = frozenset(f.name for f in dataclasses.fields(BatchNormConfig))
+_VARIANCE_FLAGS = ("use_fast_variance", "use_variance_shift")  # flax's flags for config.variance
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
 
@@ -116,6 +117,8 @@ class BatchNorm(nnx.Module):
         unbiased_running_var: bool = False,
         report: bool = False,
     ):
+        self.use_fast_variance = use_fast_variance
+        self.use_variance_shift = use_variance_shift
         # The core's options, taken from the arguments by name and checked: a static attribute.
         self.config = module_config(locals())
         shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
@@ -160,6 +163,10 @@ class BatchNorm(nnx.Module):
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _OPTIONS:  # an option: a new config, checked like the first
             name, value = "config", dataclasses.replace(self.config, **{name: value})
+        elif name in _VARIANCE_FLAGS and "config" in vars(self):  # flax's flags: a new variance
+            flags = {flag: vars(self)[flag] for flag in _VARIANCE_FLAGS} | {name: value}
+            variance = variance_algorithm(**flags)
+            super().__setattr__("config", dataclasses.replace(self.config, variance=variance))
         super().__setattr__(name, value)
 
     def __call__(

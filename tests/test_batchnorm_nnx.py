@@ -349,6 +349,26 @@ def test_nnx_config_is_static_and_options_read_and_write_as_attributes():
         model.momentom  # noqa: B018
 
 
+@pytest.mark.parametrize(("fast", "shift", "variance"), [
+    (True, True, "shifted"), (True, False, "fast"), (False, True, "two_pass"),
+])
+def test_nnx_variance_flags_are_flax_attributes_and_set_the_variance(fast, shift, variance):
+    flax_bn = nnx.BatchNorm(3, use_fast_variance=fast, rngs=nnx.Rngs(0))
+    model = jaxstab.nnx.BatchNorm(
+        3, use_fast_variance=fast, use_variance_shift=shift, rngs=nnx.Rngs(0)
+    )
+    assert model.use_fast_variance is flax_bn.use_fast_variance is fast
+    assert model.use_variance_shift is shift and model.config.variance == variance
+    model.use_fast_variance = not fast  # as on flax's module: the next call uses the other pass
+    assert model.use_fast_variance is not fast
+    assert model.config.variance == ("two_pass" if fast else "shifted" if shift else "fast")
+    model.use_fast_variance, model.use_variance_shift = True, False  # flax's one pass exactly
+    x = normal(9, (4, 3))
+    one_pass = nnx.BatchNorm(3, use_fast_variance=True, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(model(x), one_pass(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.var[...], one_pass.var[...], rtol=1e-6)
+
+
 def test_a_nan_batch_does_not_poison_running_statistics_and_is_reported():
     bn = jaxstab.nnx.BatchNorm(3, momentum=0.9, report=True, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(0).normal(0, 1, (8, 3)), jnp.float32)
