@@ -82,7 +82,7 @@ def ema(mean: jax.Array, x: jax.Array, decay) -> jax.Array:
 class MeanVar(NamedTuple):
     """Running mean and (population) variance of a float32 scalar stream."""
 
-    count: jax.Array  # int32, samples accepted so far
+    samples: jax.Array  # int32, samples accepted so far (not `count`: optax's step lookups)
     mean: jax.Array  # float32
     var: jax.Array  # float32
 
@@ -99,7 +99,7 @@ def warmup_length(warmup_steps) -> jax.Array:
 
 def ready(stats: MeanVar, warmup_steps) -> jax.Array:
     """Whether warm-up is over, i.e. the statistics may be used to judge a sample."""
-    return stats.count >= warmup_length(warmup_steps)
+    return stats.samples >= warmup_length(warmup_steps)
 
 
 def std(stats: MeanVar) -> jax.Array:
@@ -129,15 +129,15 @@ def mean_var_update(stats: MeanVar, x, *, decay, warmup_steps, accept=True) -> M
     """
     x = as_f32(x)
     accept = jnp.asarray(accept) & jnp.isfinite(x) & (x != 0)
-    n = (stats.count + 1).astype(_F32)
+    n = (stats.samples + 1).astype(_F32)
     delta = x - stats.mean
     welford_mean = stats.mean + delta / n
     welford_var = stats.var + (delta * (x - welford_mean) - stats.var) / n
     ema_mean = ema(stats.mean, x, decay)
     ema_var = ema(stats.var, jnp.square(x - ema_mean), decay)
-    warm = stats.count < warmup_length(warmup_steps)
+    warm = stats.samples < warmup_length(warmup_steps)
     new = MeanVar(
-        optax.safe_increment(stats.count),
+        optax.safe_increment(stats.samples),
         jnp.where(warm, welford_mean, ema_mean),
         jnp.where(warm, welford_var, ema_var),
     )
@@ -151,7 +151,7 @@ def mean_var_update(stats: MeanVar, x, *, decay, warmup_steps, accept=True) -> M
 class RobustLevel(NamedTuple):
     """Running centre and mean absolute deviation of a scalar stream, robust to outliers."""
 
-    count: jax.Array  # int32, samples accepted so far
+    samples: jax.Array  # int32, samples accepted so far (not `count`: optax's step lookups)
     center: jax.Array  # float32
     spread: jax.Array  # float32, mean absolute deviation about the centre
 
@@ -182,15 +182,15 @@ def robust_update(stats: RobustLevel, y, *, decay, warmup_steps, clip_z, accept=
     """
     y = as_f32(y)
     accept = jnp.asarray(accept) & jnp.isfinite(y)
-    warm = stats.count < warmup_length(warmup_steps)
+    warm = stats.samples < warmup_length(warmup_steps)
     band = as_f32(clip_z) * jnp.maximum(stats.spread, MIN_SPREAD)
     y = jnp.where(warm, y, jnp.clip(y, stats.center - band, stats.center + band))
-    n = stats.count.astype(_F32)
+    n = stats.samples.astype(_F32)
     rate = jnp.where(warm, 1 / (n + 1), 1 - as_f32(decay))
     spread_rate = jnp.where(warm, 1 / jnp.maximum(n, 1), rate)  # no deviation from the first
     deviation = jnp.abs(y - stats.center)
     new = RobustLevel(
-        optax.safe_increment(stats.count),
+        optax.safe_increment(stats.samples),
         stats.center + rate * (y - stats.center),
         jnp.where(n == 0, 0.0, stats.spread + spread_rate * (deviation - stats.spread)),
     )
@@ -210,7 +210,7 @@ class P2Quantile(NamedTuple):
     desired minus actual ranks, kept small so float32 stays exact over any run length.
     """
 
-    count: jax.Array  # int32, samples accepted so far
+    samples: jax.Array  # int32, samples accepted so far (not `count`: optax's step lookups)
     heights: jax.Array  # float32 (5,), log-samples or marker heights
     positions: jax.Array  # int32 (5,)
     offsets: jax.Array  # float32 (5,)
@@ -250,7 +250,7 @@ def _p2_step(state: P2Quantile, y: jax.Array, p: jax.Array) -> P2Quantile:
         q[i] = jnp.where(s != 0, jnp.where(inside, parabolic, linear), q[i])
         n[i] = n[i] + s
         d[i] = d[i] - sf
-    return P2Quantile(state.count, jnp.stack(q), jnp.stack(n), jnp.stack(d))
+    return P2Quantile(state.samples, jnp.stack(q), jnp.stack(n), jnp.stack(d))
 
 
 def p2_update(state: P2Quantile, x, p, accept=True) -> P2Quantile:
@@ -266,13 +266,13 @@ def p2_update(state: P2Quantile, x, p, accept=True) -> P2Quantile:
     accept = jnp.asarray(accept) & jnp.isfinite(x) & (x != 0)
     y = jnp.log(jnp.maximum(x, _TINY))
     filling = P2Quantile(
-        state.count,
+        state.samples,
         jnp.sort(state.heights.at[4].set(y)),  # slot 4 is +inf while fewer than 5 samples are in
         state.positions,
         jnp.stack([0.0, 2 * p - 1, 4 * p - 2, 2 * p - 1, 0.0]),  # desired ranks once 5 are in
     )
-    new = select(state.count < 5, filling, _p2_step(state, y, p))
-    new = new._replace(count=optax.safe_increment(state.count))
+    new = select(state.samples < 5, filling, _p2_step(state, y, p))
+    new = new._replace(samples=optax.safe_increment(state.samples))
     return select(accept, new, state)
 
 
@@ -283,11 +283,11 @@ def p2_estimate(state: P2Quantile, p) -> jax.Array:
     after that it is the middle P-square marker.
     """
     p = as_f32(p)
-    count = state.count
-    rank = (jnp.minimum(count, 5) - 1).astype(_F32) * p
+    samples = state.samples
+    rank = (jnp.minimum(samples, 5) - 1).astype(_F32) * p
     lo = jnp.floor(rank).astype(jnp.int32)
-    hi = jnp.minimum(lo + 1, jnp.maximum(count - 1, 0))
+    hi = jnp.minimum(lo + 1, jnp.maximum(samples - 1, 0))
     h = state.heights
     exact = h[lo] + (rank - lo) * jnp.where(hi > lo, h[hi] - h[lo], 0.0)
-    log_q = jnp.where(count >= 5, h[2], exact)
-    return jnp.where(count > 0, jnp.exp(log_q), jnp.inf)
+    log_q = jnp.where(samples >= 5, h[2], exact)
+    return jnp.where(samples > 0, jnp.exp(log_q), jnp.inf)

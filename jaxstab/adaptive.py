@@ -38,7 +38,7 @@ def _check_common(decay, warmup_steps):
 class ZScoreClipState(NamedTuple):
     """State of :func:`zscore_clip`: running statistics and this step's telemetry."""
 
-    stats: _stats.MeanVar  # count, mean and variance of the finite nonzero norms (clipped)
+    stats: _stats.MeanVar  # samples, mean and variance of the finite nonzero norms (clipped)
     grad_norm: jax.Array  # float32 global norm of the incoming updates
     scale: jax.Array  # float32 factor applied (1 = untouched, 0 = non-finite step zeroed)
     clipped: jax.Array  # bool, whether the factor was below 1
@@ -257,7 +257,7 @@ def quantile_clip(
         del params, extra_args
         norm = _norms.global_norm(updates, axis_name=axis_name)
         est = state.quantile
-        ready = est.count >= _stats.step_count(warmup_steps)
+        ready = est.samples >= _stats.step_count(warmup_steps)
         threshold = jnp.where(ready, _stats.p2_estimate(est, quantile), jnp.inf)
         scale = _norms.clip_factor(norm, threshold)
         est = _stats.p2_update(est, norm, quantile)
@@ -277,7 +277,7 @@ def quantile_clip(
 class AdagcState(NamedTuple):
     """State of :func:`adagc`: per-tensor thresholds and this step's telemetry."""
 
-    count: jax.Array  # int32, finite steps seen
+    finite_steps: jax.Array  # int32, finite steps seen (`count` is the optimizer's)
     ema: tuple[jax.Array, ...]  # per float tensor (flatten order): float32 EMA of its clipped
     # norm (+inf: none yet). A tuple of scalars, not a vector: a vector sliced into every tensor's
     # update makes XLA's compile time grow quadratically with the number of tensors.
@@ -379,7 +379,7 @@ def adagc(
         finite_norm = _norms.global_norm(
             _norms.select(finite_each, stacked, jnp.zeros_like(stacked))
         )
-        warm = state.count < _stats.step_count(warmup_steps)
+        warm = state.finite_steps < _stats.step_count(warmup_steps)
         warm_factor = _norms.clip_factor(finite_norm, warmup_max_norm)
         relative_ = _stats.as_f32(relative)
 
@@ -408,8 +408,10 @@ def adagc(
             every_factor, _ = tensor(stacked, jnp.stack(state.ema))
             fraction = jnp.mean(((every_factor < 1) & finite_each).astype(jnp.float32))
         any_finite = jnp.any(finite_each) | (not grads)
-        count = jnp.where(any_finite, optax.safe_increment(state.count), state.count)
-        new_state = AdagcState(count, ema, _stats.as_f32(norm), fraction, nonfinite)
+        finite_steps = jnp.where(
+            any_finite, optax.safe_increment(state.finite_steps), state.finite_steps
+        )
+        new_state = AdagcState(finite_steps, ema, _stats.as_f32(norm), fraction, nonfinite)
         return jax.tree.unflatten(treedef, new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -57,7 +57,7 @@ class SkipAnomaliesState(NamedTuple):
     """State of :func:`skip_anomalies`: the inner state, norm statistics and telemetry."""
 
     inner_state: Any  # the wrapped transformation's state, untouched by skipped steps
-    stats: _stats.MeanVar  # count, mean and variance of accepted norms
+    stats: _stats.MeanVar  # samples, mean and variance of accepted norms
     skipped: jax.Array  # bool, whether this step was skipped
     skipped_total: jax.Array  # int32, steps skipped so far
     grad_norm: jax.Array  # float32 global norm of this step's gradients

@@ -224,7 +224,7 @@ def test_adagc_zeroes_a_non_finite_tensor_alone_and_keeps_its_threshold(bad):
         want, clean_state = update(g_clean, clean_state)
         before = dirty_state
         got, dirty_state = update(g_dirty, dirty_state)
-        assert int(dirty_state.count) == i + 1
+        assert int(dirty_state.finite_steps) == i + 1
         if i not in hit:
             assert float(dirty_state.nonfinite) == 0.0
             continue
@@ -241,7 +241,7 @@ def test_adagc_zeroes_a_non_finite_tensor_alone_and_keeps_its_threshold(bad):
 def test_zscore_clip_keeps_statistics_in_float32_and_needs_no_host_sync():
     final, _, _ = run_jitted(zscore_clip(warmup_steps=3), spiky_norms(20, 0))
     assert final.stats.mean.dtype == final.stats.var.dtype == jnp.float32
-    assert final.stats.count.dtype == jnp.int32 and int(final.stats.count) == 20
+    assert final.stats.samples.dtype == jnp.int32 and int(final.stats.samples) == 20
 
 
 # --------------------------------------------------------------------------------------------

@@ -274,12 +274,16 @@ class BatchNormFunctionTest(chex.TestCase):
         assert new.mean[1] == 5.0 and new.var[1] == 2.0
         assert new.mean[0] != 5.0
 
-    def test_single_element_per_feature_is_an_error(self):
-        with pytest.raises(ValueError, match="more than one element per feature"):
-            trace(jnp.ones((1, 4)), _stats(4))
-        with pytest.raises(ValueError, match="virtual_batch_size=1"):
+    def test_single_element_per_feature_warns_and_gives_the_bias(self):
+        x, bias = jnp.arange(1.0, 5.0)[None], jnp.full(4, 0.5)
+        with pytest.warns(UserWarning, match=r"one element per feature.*\(1, 4\)"):
+            y, new = core.batch_norm(x, _stats(4, 2.0, 3.0), bias=bias, momentum=0.9)
+        np.testing.assert_array_equal(y, bias[None])  # variance 0: as flax computes it
+        np.testing.assert_allclose(new.mean, 0.9 * 2.0 + 0.1 * x[0], rtol=1e-6)
+        np.testing.assert_allclose(new.var, 0.9 * 3.0, rtol=1e-6)
+        with pytest.raises(ValueError, match="virtual_batch_size=1 leaves one element"):
             trace(jnp.ones((4, 4)), _stats(4), virtual_batch_size=1)
-        # Fine: inference, no update (a linen init), or a pooled axis that makes it > 1.
+        # Silent: inference, no update (a linen init), or a pooled axis that makes it > 1.
         trace(jnp.ones((1, 4)), _stats(4), use_running_average=True)
         trace(jnp.ones((1, 4)), _stats(4), update_stats=False)
         pooled = jax.vmap(lambda x: core.batch_norm(x, _stats(4), axis_name="d"), axis_name="d")

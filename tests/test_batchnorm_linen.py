@@ -352,11 +352,15 @@ def test_bad_hyperparameters_fail_at_construction(kwargs, message):
         jaxstab.linen.BatchNorm(**kwargs)
 
 
-def test_single_element_per_feature_in_training_is_an_error():
+def test_single_element_per_feature_in_training_warns_and_computes_what_flax_does():
+    x = normal(0, (1, 3))
     model = jaxstab.linen.BatchNorm(use_running_average=False)
-    variables = model.init(jax.random.key(0), jnp.ones((1, 3)))  # init with one example is fine
-    with pytest.raises(ValueError, match="more than one element per feature"):
-        model.apply(variables, jnp.ones((1, 3)), mutable=["batch_stats"])
+    reference = fnn.BatchNorm(use_running_average=False)
+    variables = model.init(jax.random.key(0), x)  # init with one example is silent
+    with pytest.warns(UserWarning, match="one element per feature"):
+        got = model.apply(variables, x, mutable=["batch_stats"])
+    want = reference.apply(reference.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
 
 
 def test_a_nan_batch_does_not_poison_running_statistics_and_is_reported():

@@ -249,8 +249,11 @@ def test_errors():
     model = jaxstab.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"x.shape = \(4, 5\) with axis = -1 has features"):
         jax.eval_shape(lambda x: model(x), jnp.ones((4, 5)))
-    with pytest.raises(ValueError, match="more than one element per feature"):
-        jax.eval_shape(lambda x: model(x), jnp.ones((1, 3)))
+    x, reference = normal(9, (1, 3)), nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    with pytest.warns(UserWarning, match="one element per feature"):  # flax allows it
+        np.testing.assert_allclose(model(x), reference(x), atol=1e-6)
+    np.testing.assert_allclose(model.mean[...], reference.mean[...], rtol=1e-6)
+    np.testing.assert_allclose(model.var[...], reference.var[...], rtol=1e-6)
     undecided = jaxstab.nnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="needs use_running_average"):
         undecided(jnp.ones((4, 3)))

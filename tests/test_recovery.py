@@ -261,7 +261,7 @@ def test_non_positive_losses_are_in_range():
     for loss in [1.0, 1.1, 0.9, -5.0, 0.0, 1.0]:
         _, rstate = recovery.update(jnp.float32(loss), state, state, rstate)
         assert not bool(rstate.skipped) and not bool(rstate.rolled_back)
-    assert int(rstate.stats.count) == 4
+    assert int(rstate.stats.samples) == 4
 
 
 def test_learning_rate_backoff_reaches_the_step_and_reinit_the_restored_state():

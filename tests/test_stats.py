@@ -46,7 +46,7 @@ def test_warmup_gives_exact_mean_and_population_variance(xs, warmup):
     if len(xs) <= n:
         np.testing.assert_allclose(final.mean, seed.mean(), rtol=1e-5)
         np.testing.assert_allclose(final.var, seed.var(), rtol=1e-3, atol=1e-5 * seed.mean() ** 2)
-    assert int(final.count) == len(xs)
+    assert int(final.samples) == len(xs)
 
 
 @settings(max_examples=25, deadline=None)
@@ -68,10 +68,10 @@ def test_mean_var_ignores_non_finite_and_rejected_samples_bit_for_bit():
     clean = xs[np.isfinite(xs) & accept]
     _, ref = run_mean_var(clean, decay=0.9, warmup_steps=2)
     kept = np.flatnonzero(np.isfinite(xs) & accept)
-    for field in ("count", "mean", "var"):
+    for field in ("samples", "mean", "var"):
         np.testing.assert_array_equal(getattr(trace, field)[kept], getattr(ref, field))
     for i in np.flatnonzero(~(np.isfinite(xs) & accept)):  # state unchanged by a rejected step
-        for field in ("count", "mean", "var"):
+        for field in ("samples", "mean", "var"):
             np.testing.assert_array_equal(getattr(trace, field)[i], getattr(trace, field)[i - 1])
 
 
@@ -79,7 +79,7 @@ def test_mean_var_is_float32_whatever_the_input_dtype():
     s = _stats.mean_var_update(
         _stats.mean_var_init(), jnp.float16(3.0), decay=jnp.float16(0.9), warmup_steps=1
     )
-    assert s.mean.dtype == s.var.dtype == jnp.float32 and s.count.dtype == jnp.int32
+    assert s.mean.dtype == s.var.dtype == jnp.float32 and s.samples.dtype == jnp.int32
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_p2_ignores_zero_norms():
     state, _ = run_p2(xs, 0.5)
     ref, _ = run_p2(xs[xs != 0], 0.5)
     jax.tree.map(np.testing.assert_array_equal, state, ref)
-    assert int(state.count) == 6
+    assert int(state.samples) == 6
 
 
 # --------------------------------------------------------------------------------------------

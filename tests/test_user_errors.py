@@ -121,3 +121,30 @@ def test_max_logits_without_the_recorded_collection_says_how_to_record():
 
     with pytest.raises(KeyError, match=r"sow_weights=True.*mutable=\['attention_logits'\]"):
         max_logits({"batch_stats": {}})
+
+
+AROUND_ADAM = {
+    "clip_by_global_norm": lambda: optax.chain(jaxstab.clip_by_global_norm(1.0), optax.adam(0.1)),
+    "adaptive_grad_clip": lambda: optax.chain(jaxstab.adaptive_grad_clip(0.01), optax.adam(0.1)),
+    "zscore_clip": lambda: optax.chain(jaxstab.zscore_clip(), optax.adam(0.1)),
+    "quantile_clip": lambda: optax.chain(jaxstab.quantile_clip(), optax.adam(0.1)),
+    "adagc": lambda: optax.chain(jaxstab.adagc(), optax.adam(0.1)),
+    "normalize_by_global_norm": lambda: optax.chain(
+        jaxstab.normalize_by_global_norm(), optax.adam(0.1)
+    ),
+    "skip_anomalies": lambda: jaxstab.skip_anomalies(optax.adam(0.1)),
+}
+
+
+@pytest.mark.parametrize("name", AROUND_ADAM)
+def test_optax_finds_the_optimizers_step_count_through_every_stabilizer(name):
+    """``optax.tree_utils.tree_get(state, "count")`` (how users log a schedule's step) finds one
+    ``count``: the optimizer's. A stabilizer's own counters have other names."""
+    tx = AROUND_ADAM[name]()
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(params, state, params)
+    assert int(optax.tree_utils.tree_get(state, "count")) == 3
+    reset = optax.tree_utils.tree_set(state, count=jnp.zeros((), jnp.int32))
+    assert int(optax.tree_utils.tree_get(reset, "count")) == 0

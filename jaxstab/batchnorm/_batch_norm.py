@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -169,13 +170,7 @@ def batch_norm(
     reduce_axes = tuple(a + 1 for a in range(x.ndim) if a not in feature_axes)
     per_feature = math.prod(xg.shape[a] for a in reduce_axes)
     if update_stats and per_feature * _num_devices(config) == 1:
-        ghost = config.virtual_batch_size
-        raise ValueError(
-            "batch statistics need more than one element per feature in training: x.shape = "
-            f"{x.shape} with feature axis {config.axis!r}"
-            + (f" and virtual_batch_size={ghost}" if ghost else "")
-            + " leaves one (variance 0); use a larger batch or use_running_average=True"
-        )
+        _one_element_per_feature(x.shape, config)
     batch = moments(
         xg,
         reduce_axes,
@@ -218,6 +213,26 @@ def batch_norm(
         step,
     )
     return done(y, new_stats, jnp.sum(has_data & ~finite, dtype=jnp.int32))
+
+
+def _one_element_per_feature(shape: tuple[int, ...], config: BatchNormConfig) -> None:
+    """A training batch of one element per feature: its variance is 0 and the output the bias.
+
+    Flax allows it (``nnx.tabulate`` and one-example shape checks in training mode do it), so it
+    warns and computes what flax computes; ghost batches of one are a misconfiguration and raise.
+    """
+    where = f"x.shape = {shape} with feature axis {config.axis!r}"
+    if config.virtual_batch_size:
+        raise ValueError(
+            f"virtual_batch_size={config.virtual_batch_size} leaves one element per feature in "
+            f"each ghost batch ({where}); the batch variance would be 0: use a larger one"
+        )
+    warnings.warn(
+        f"batch statistics from one element per feature in training ({where}): the batch "
+        "variance is 0 and the output is the bias alone (as in flax); use a larger batch or "
+        "use_running_average=True",
+        stacklevel=2,
+    )
 
 
 def _groups(x: jax.Array, feature_axes: tuple[int, ...], virtual_batch_size: int | None) -> int:
