@@ -65,7 +65,7 @@ class BatchNorm(nn.Module):
       force_float32_reductions: flax's flag: False computes the statistics in the input dtype
         and stores the running statistics in ``param_dtype``.
       use_variance_shift: the one pass subtracts a per-feature sample of the batch first (default
-        True: no cancellation). False reproduces flax's ``E[x^2] - E[x]^2`` exactly.
+        True: no cancellation). False takes flax's ``E[x^2] - E[x]^2`` (to rounding, ~1e-7).
       renorm: Batch Renormalization (Ioffe 2017) in training.
       r_max: renorm's limit on ``r``, ``>= 1``: a float or an optax schedule of the training
         step, then counted in ``batch_stats['step']`` (:func:`jaxstab.batchnorm.renorm_schedules`
