@@ -144,6 +144,16 @@ def mean_var_update(stats: MeanVar, x, *, decay, warmup_steps, accept=True) -> M
     return select(accept, new, stats)
 
 
+def peak_update(peak: jax.Array, x, half_life, accept=True) -> jax.Array:
+    """The largest sample so far, each older one counting half every ``half_life`` samples:
+    ``max(peak * 0.5 ** (1 / half_life), x)``, unchanged unless ``accept`` and ``x`` is finite
+    and nonzero (an exactly-zero gradient is no sample, as in :func:`mean_var_update`)."""
+    x = as_f32(x)
+    accept = jnp.asarray(accept) & jnp.isfinite(x) & (x != 0)
+    decayed = peak * jnp.exp2(-1 / as_f32(half_life))
+    return select(accept, jnp.maximum(decayed, x), peak)
+
+
 # --------------------------------------------------------------------------------------------
 # Robust level and spread of a heavy-tailed stream (minibatch losses, on the log scale)
 

@@ -118,7 +118,9 @@ def test_no_healthy_step_after_a_nan_or_a_spike_is_skipped():
     norms[[80, 81, 82, 150]] = [40.0, 35.0, 60.0, 1e3]
     _, state, skipped, _ = train(skip_anomalies(optax.sgd(0.1)), norms)
     np.testing.assert_array_equal(np.flatnonzero(skipped), [50, 80, 81, 82, 120, 150])
-    assert float(state.threshold) < 2.0  # the statistics still describe the healthy norms
+    # No spike entered the statistics or the peak: both still describe the healthy norms.
+    assert float(state.stats.mean) < 1.2 and float(state.peak) < 1.5
+    assert float(state.threshold) < 4.5  # three times the peak: the z-score's limit is lower
 
 
 def test_a_lasting_change_of_level_is_learned_not_skipped_forever():
@@ -295,6 +297,8 @@ PROPERTY_TX = skip_anomalies(optax.sgd(0.1), warmup_steps=3, z_threshold=6.0)
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"max_norm": -1.0}, "max_norm"),
         ({"eps": -1.0}, "eps"),
+        ({"peak_ratio": -1.0}, "peak_ratio"),
+        ({"peak_half_life": 0.0}, "peak_half_life"),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs, match):

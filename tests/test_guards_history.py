@@ -42,14 +42,34 @@ def test_zero_gradient_steps_do_not_make_good_steps_look_anomalous():
     assert not np.asarray(skipped_steps(skip_anomalies(optax.sgd(0.1)), norms)).any()
 
 
-@pytest.mark.parametrize(("jump", "within"), [(2.0, 25), (1000.0, 70)])
-def test_a_lasting_level_shift_after_a_constant_warmup_is_learned(jump, within):
+@pytest.mark.parametrize(
+    ("jump", "within", "peak_ratio"), [(2.0, 25, None), (1000.0, 70, None), (1000.0, 70, 3.0)]
+)
+def test_a_lasting_level_shift_after_a_constant_warmup_is_learned(jump, within, peak_ratio):
     """With equal norms in warm-up the standard deviation was 0 and the z-score of every other
-    norm was huge; the docstring's bounds: 2x within 25 steps, 1000x within 70."""
+    norm was huge; the docstring's bounds: 2x within 25 steps (z-score alone), 1000x within 70."""
     norms = np.r_[np.ones(30), np.full(300, jump)]
-    skipped = np.asarray(skipped_steps(skip_anomalies(optax.sgd(0.1)), norms))
+    tx = skip_anomalies(optax.sgd(0.1), peak_ratio=peak_ratio)
+    skipped = np.asarray(skipped_steps(tx, norms))
     assert skipped[30] and not skipped[30 + within :].any()
     assert 0 < skipped.sum() <= within
+
+
+def test_a_norm_within_three_times_the_peak_is_never_skipped_for_its_z_score():
+    """After a warm-up of equal norms every other norm has a huge z-score; with the default
+    ``peak_ratio=3`` a jump to 2.9x is not skipped, to 3.1x it is."""
+    for jump, skips in [(2.9, False), (3.1, True)]:
+        norms = np.r_[np.ones(30), np.full(50, jump)]
+        assert np.asarray(skipped_steps(skip_anomalies(optax.sgd(0.1)), norms)).any() == skips
+
+
+@pytest.mark.parametrize(("half_life", "skipped"), [(50.0, True), (1e9, False)])
+def test_the_peak_forgets_an_old_large_norm(half_life, skipped):
+    """A norm of 8 in warm-up, 600 norms of 1, then one of 3.5 (a z-score outlier by then): the
+    peak has forgotten the 8 after 12 half-lives of 50 steps, and remembers it at 1e9."""
+    norms = np.r_[8.0, np.ones(600), 3.5]
+    tx = skip_anomalies(optax.sgd(0.1), peak_half_life=half_life)
+    assert np.asarray(skipped_steps(tx, norms))[-1] == skipped
 
 
 @pytest.mark.parametrize("warmup_steps", [2**31, float("inf")])
@@ -96,7 +116,7 @@ def test_max_skip_run_holds_the_band_through_a_50_step_burst():
 
 def test_max_skip_run_still_learns_a_lasting_change_of_level():
     """A run of skips longer than ``max_skip_run`` is a new level: learned, ``R`` steps later."""
-    norms = np.r_[np.random.default_rng(1).lognormal(0.0, 0.1, 100), np.full(300, 3.0)]
+    norms = np.r_[np.random.default_rng(1).lognormal(0.0, 0.1, 100), np.full(300, 5.0)]
     skipped = np.asarray(skipped_steps(skip_anomalies(optax.sgd(0.1), max_skip_run=64), norms))
     assert skipped[100:165].all()  # held through the run...
     assert not skipped[165 + 40 :].any()  # ...then learned within about 40 steps

@@ -163,6 +163,37 @@ def test_p2_ignores_zero_norms():
 
 
 # --------------------------------------------------------------------------------------------
+# The decayed peak
+
+
+@given(
+    st.lists(st.floats(0.0, 1e6, allow_subnormal=False), min_size=1, max_size=40),
+    st.floats(0.5, 1e4),
+)
+@settings(max_examples=30, deadline=None)
+def test_peak_is_the_largest_sample_weighted_by_its_age(xs, half_life):
+    """``peak == max_i x_i * 0.5 ** (age_i / half_life)``, ages counted in nonzero samples."""
+    peak = jnp.zeros((), jnp.float32)
+    for x in xs:
+        peak = _stats.peak_update(peak, x, half_life)
+    xs = np.asarray(xs, np.float32)  # a sample that rounds to float32's 0 is no sample
+    kept = xs[xs != 0].astype(np.float64)
+    ages = np.arange(len(kept))[::-1]
+    want = float(np.max(kept * 0.5 ** (ages / half_life))) if len(kept) else 0.0
+    np.testing.assert_allclose(float(peak), want, rtol=1e-4 * (1 + len(xs)))
+
+
+def test_peak_ignores_rejected_non_finite_and_zero_samples_bit_for_bit():
+    peak = _stats.peak_update(jnp.zeros((), jnp.float32), 3.0, 10.0)
+    for x, accept in [(np.nan, True), (np.inf, True), (0.0, True), (100.0, False)]:
+        np.testing.assert_array_equal(_stats.peak_update(peak, x, 10.0, accept=accept), peak)
+    halved = _stats.peak_update(peak, 1.0, 10.0)
+    for _ in range(9):
+        halved = _stats.peak_update(halved, 1.0, 10.0)
+    np.testing.assert_allclose(halved, 1.5, rtol=1e-5)  # ten samples: one half-life
+
+
+# --------------------------------------------------------------------------------------------
 # Level shifts: the spread floor and z_limit
 
 
