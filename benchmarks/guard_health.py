@@ -25,7 +25,6 @@ Run: ``PYTHONPATH=. python benchmarks/guard_health.py [--steps 10000] [--quick]`
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
@@ -36,7 +35,14 @@ import optax
 
 import jaxstab
 from benchmarks import _harness
-from benchmarks.recovery_health import WORKLOADS, Workload, _schedule, finite
+from benchmarks.recovery_health import (
+    WORKLOADS,
+    Workload,
+    _schedule,
+    finite,
+    health_parser,
+    run_steps,
+)
 
 
 def _adamw(work: Workload, steps: int):
@@ -174,14 +180,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser = health_parser(__doc__.splitlines()[0])
     parser.add_argument("--guards", nargs="+", default=list(GUARDS), choices=GUARDS)
-    parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="300 steps (a smoke test)")
     args = parser.parse_args(argv)
-    steps = 300 if args.quick else args.steps
+    steps = run_steps(args)
     rows = []
     for name in args.workloads:
         rows += measure(name, steps, args.guards, range(args.seeds))

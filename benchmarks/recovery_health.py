@@ -298,13 +298,24 @@ def measure(name: str, steps: int, scenarios, seeds, kwargs: dict, save: str | N
     return rows
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def health_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every healthy-run script shares: ``--workloads``, ``--steps``, ``--seeds`` and
+    ``--quick`` (300 steps; read the run length with :func:`run_steps`)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="300 steps (a smoke test)")
+    return parser
+
+
+def run_steps(args: argparse.Namespace) -> int:
+    return 300 if args.quick else args.steps
+
+
+def main(argv=None) -> None:
+    parser = health_parser(__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--save-losses", metavar="DIR", help="save per-step losses as .npy")
     parser.add_argument("--controller-only", action="store_true", help="no uncontrolled runs")
     parser.add_argument(
@@ -312,7 +323,7 @@ def main(argv=None) -> None:
         help=f"spike_recovery's keyword arguments as JSON (default {json.dumps(KWARGS)})",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    steps = 300 if args.quick else args.steps
+    steps = run_steps(args)
     kwargs = args.recovery_kwargs
     rows = []
     for name in args.workloads:
