@@ -12,7 +12,8 @@ the guard's telemetry at every step:
   clipped (``quantile_clip`` clips about 10% by construction, a fixed clip whatever exceeds it);
 - ``adagc`` before AdamW, ``stable_adamw``: steps where any tensor was scaled down, and the mean
   share of tensors;
-- ``spam`` (``count_spikes=True``): steps where any gradient entry was clipped as a spike.
+- ``spam`` (``count_spikes=True``), and without its moment resets: steps where any gradient
+  entry was clipped as a spike.
 
 "margin" is the largest ``grad_norm / threshold`` after the warm-up for the norm-based guards:
 below 1 means the guard never acted, and by how much it stayed clear. "vs AdamW" is the final
@@ -59,6 +60,13 @@ def _before_adamw(guard: Callable[[], optax.GradientTransformation]):
     return lambda work, steps: optax.chain(guard(), _adamw(work, steps))
 
 
+def _spam(**kwargs):
+    """SPAM at the paper's settings (``kwargs`` overriding them), counting its clipped entries."""
+    return lambda work, steps: jaxstab.spam(
+        _schedule(work.rate, steps), weight_decay=work.weight_decay, count_spikes=True, **kwargs
+    )
+
+
 #: name -> (``tx(work, steps)``, telemetry field that says the guard acted, threshold field).
 GUARDS: dict[str, tuple[Callable, str | None, str | None]] = {
     "adamw": (_adamw, None, None),
@@ -83,18 +91,13 @@ GUARDS: dict[str, tuple[Callable, str | None, str | None]] = {
         "clip_fraction",
         None,
     ),
-    "spam": (
-        lambda work, steps: jaxstab.spam(
-            _schedule(work.rate, steps), weight_decay=work.weight_decay, count_spikes=True
-        ),
-        "spike_fraction",
-        None,
-    ),
+    "spam": (_spam(), "spike_fraction", None),
+    "spam(reset_interval=None)": (_spam(reset_interval=None), "spike_fraction", None),
 }
 
 
 #: Guards whose telemetry is a share (of tensors or entries) rather than a flag.
-SHARES = ("adagc", "stable_adamw", "spam")
+SHARES = ("adagc", "stable_adamw", "spam", "spam(reset_interval=None)")
 
 
 def _field(opt_state, name: str | None) -> jax.Array:
